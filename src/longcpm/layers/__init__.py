@@ -1,0 +1,1 @@
+"""nn.Modules over ops: norms, rotary embeddings, attention, MLP."""
