@@ -1,0 +1,52 @@
+"""Shared benchmark plumbing: environment record, timing, JSON output. Scripts, not tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit or os.environ.get("GIT_COMMIT", ""),
+    }
+
+
+def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn() by CUDA events (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def try_bench(fn, **kw) -> float | str:
+    try:
+        return round(bench_ms(fn, **kw), 4)
+    except Exception as e:  # a peer that fails on a shape is recorded, not fatal
+        torch.cuda.synchronize()
+        return f"err: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def write_json(obj: dict, name: str, out_dir: str | None = None) -> Path:
+    d = Path(out_dir) if out_dir else RESULTS
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / name
+    p.write_text(json.dumps(obj, indent=1) + "\n")
+    return p
