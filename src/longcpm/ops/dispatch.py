@@ -24,11 +24,12 @@ def interpreting() -> bool:
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
-    """None -> LONGCPM_BACKEND if set, else triton on CUDA tensors (or under TRITON_INTERPRET=1), naive otherwise."""
+    """None -> LONGCPM_BACKEND if set, else triton on CUDA tensors and naive otherwise. The CPU interpreter
+    (TRITON_INTERPRET=1) runs only when asked for explicitly with backend="triton"."""
     if backend is None:
         backend = os.environ.get("LONGCPM_BACKEND") or None
     if backend is None:
-        backend = "triton" if (x.is_cuda or interpreting()) and triton_available() else "naive"
+        backend = "triton" if x.is_cuda and triton_available() else "naive"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton" and not triton_available():

@@ -20,14 +20,8 @@ from typing import Any
 from ..errors import TokenizerError
 
 # Files that together define a tokenizer; save() copies whichever of them the source folder had.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "added_tokens.json",
+                   "special_tokens_map.json", "chat_template.jinja")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -52,13 +46,9 @@ def _content(value: Any) -> str | None:
 
 
 def _int_ids(value: Any) -> set[int]:
-    if isinstance(value, bool):
-        return set()
-    if isinstance(value, int):
-        return {value}
-    if isinstance(value, list):
-        return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
-    return set()
+    """generation_config/config.json ids are an int or a list of ints."""
+    values = value if isinstance(value, list) else [value]
+    return {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
 
 
 class _SentencePieceBackend:
@@ -100,13 +90,12 @@ class _TokenizersBackend:
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
 
     def register(self, content: str, token_id: int, info: Mapping[str, Any], special: bool) -> None:
-        """Make the config's added tokens known to the library (a no-op when tokenizer.json already has them)."""
+        """Make the config's added tokens atomic in the library too (re-adding a known one changes nothing)."""
         from tokenizers import AddedToken
 
-        if self.tok.token_to_id(content) is None:
-            flags = {k: bool(info.get(k, False)) for k in ("lstrip", "rstrip", "single_word")}
-            added = AddedToken(content, normalized=bool(info.get("normalized", not special)), special=special, **flags)
-            (self.tok.add_special_tokens if special else self.tok.add_tokens)([added])
+        flags = {k: bool(info.get(k, False)) for k in ("lstrip", "rstrip", "single_word")}
+        added = AddedToken(content, normalized=bool(info.get("normalized", not special)), special=special, **flags)
+        (self.tok.add_special_tokens if special else self.tok.add_tokens)([added])
         if self.tok.token_to_id(content) != token_id:
             raise TokenizerError(f"added token {content!r} is id {token_id} in the config but not in tokenizer.json")
         self.size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -137,12 +126,9 @@ class Tokenizer:
         else:
             raise TokenizerError(f"no tokenizer.json or tokenizer.model in {path}")
         self._files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
-        sp_defaults = isinstance(self._backend, _SentencePieceBackend)  # LlamaTokenizer's own defaults
-        self._tokens = {k: _content(cfg.get(k, smap.get(k))) for k in _SPECIAL_KEYS}
-        if sp_defaults:
-            for key, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
-                if key not in cfg and key not in smap:
-                    self._tokens[key] = default
+        sp_defaults = isinstance(self._backend, _SentencePieceBackend)  # then LlamaTokenizer's defaults apply
+        defaults = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"} if sp_defaults else {}
+        self._tokens = {k: _content(cfg.get(k, smap.get(k, defaults.get(k)))) for k in _SPECIAL_KEYS}
         extra = cfg.get("additional_special_tokens") or smap.get("additional_special_tokens") or []
         special_names = {t for t in self._tokens.values() if t} | {c for c in map(_content, extra) if c}
 
@@ -150,7 +136,8 @@ class Tokenizer:
         self._added: dict[str, int] = {}
         self._special_ids: set[int] = set()
         info_by_id: dict[int, Mapping[str, Any]] = {}
-        for key, info in (cfg.get("added_tokens_decoder") or {}).items():
+        decoder = cfg.get("added_tokens_decoder") or {}
+        for key, info in (decoder.items() if isinstance(decoder, dict) else [("?", None)]):
             content = _content(info) if isinstance(info, dict) else None
             if content is None or not str(key).isdigit():
                 raise TokenizerError(f"bad added_tokens_decoder entry {key!r} in {path / 'tokenizer_config.json'}")
@@ -188,11 +175,9 @@ class Tokenizer:
         gen, model_cfg = _read_json(path / "generation_config.json"), _read_json(path / "config.json")
         eos = _int_ids(gen.get("eos_token_id")) | _int_ids(model_cfg.get("eos_token_id"))
         self.eos_token_ids = frozenset(eos | ({self.eos_token_id} if self.eos_token_id is not None else set()))
-        pad = self._id_of("pad_token")
-        for source in (gen, model_cfg):  # no tokenizer pad (MiniCPM4): fall back to the generation default
-            if pad is None and _int_ids(source.get("pad_token_id")):
-                pad = next(iter(_int_ids(source.get("pad_token_id"))))
-        self.pad_token_id: int | None = pad
+        # MiniCPM4's tokenizer has no pad token; fall back to generation_config's (then config.json's) pad id.
+        pads = [self._id_of("pad_token")] + [min(_int_ids(c.get("pad_token_id")) or [-1]) for c in (gen, model_cfg)]
+        self.pad_token_id: int | None = next((p for p in pads if p is not None and p >= 0), None)
         self.chat_template = self._load_chat_template(cfg)
         self._compiled_template: Any = None
 
@@ -215,7 +200,10 @@ class Tokenizer:
     def _load_chat_template(self, cfg: dict) -> str | None:
         jinja_file = self.path / "chat_template.jinja"
         if jinja_file.is_file():
-            return jinja_file.read_text(encoding="utf-8")
+            try:
+                return jinja_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"cannot read {jinja_file}: {e}") from None
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: use the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -285,9 +273,9 @@ class Tokenizer:
             ids.extend([self._added[part]] if k % 2 else self._backend.encode(part))
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids to text: byte-fallback pieces are joined into UTF-8, added tokens appear verbatim unless skipped."""
-        ids = [self._check_id(i) for i in ids]
+        ids = [self._check_id(i) for i in (ids if isinstance(ids, Iterable) else [ids])]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         if isinstance(self._backend, _TokenizersBackend):
