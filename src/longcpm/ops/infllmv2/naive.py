@@ -79,10 +79,16 @@ def naive_block_scores(S: torch.Tensor, pos: torch.Tensor, n_blk: int, cfg: Spar
 
 
 def naive_topk(scores: torch.Tensor, width: int) -> torch.Tensor:
-    """Top-`width` blocks per row, -inf picks dropped; ascending indices, then -1 padding. [H, T, n] -> int32 [H, T, width]."""
+    """Top-`width` blocks per row, -inf picks dropped; ascending indices, then -1 padding. [H, T, n] -> int32 [H, T, width].
+
+    Ties go to the lower block index. They are common, not rare: adjacent blocks share a c1 window in the max-pool,
+    so both get the same score whenever that window is the maximum, and an unspecified tie-break would make a token's
+    selection depend on the sequence length around it (decode would disagree with prefill).
+    """
     H, T, n = scores.shape
     kk = min(width, n)
-    vals, idx = scores.topk(kk, dim=-1) if kk > 0 else (scores[..., :0], scores[..., :0].long())
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :kk], idx[..., :kk]
     big = torch.iinfo(torch.int32).max
     idx = torch.where(torch.isneginf(vals), big, idx).sort(-1).values
     idx = torch.where(idx == big, -1, idx).to(torch.int32)
