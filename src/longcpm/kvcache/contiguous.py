@@ -28,6 +28,8 @@ class StepMeta:
     new_lens: list[int]
     past_lens: list[int]
     attention: str = "auto"
+    # packed documents (B = 1, training): int32 [N+1] offsets; positions restart and attention stays per document
+    cu_seqlens: torch.Tensor | None = None
 
     @property
     def total_lens(self) -> list[int]:
@@ -49,6 +51,15 @@ class StepMeta:
         base = torch.tensor(past, dtype=torch.long, device=device)[:, None]
         positions = base + torch.arange(T, dtype=torch.long, device=device)[None, :]
         return cls(positions=positions, new_lens=new, past_lens=past, attention=attention)
+
+    @classmethod
+    def packed(cls, cu_seqlens: torch.Tensor, T: int, device, attention: str = "auto") -> StepMeta:
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {T}, got {cu.tolist()}")
+        starts = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+        positions = (torch.arange(T, device=device) - starts)[None]
+        return cls(positions=positions, new_lens=[T], past_lens=[0], attention=attention, cu_seqlens=cu)
 
     def valid_mask(self) -> torch.Tensor:
         """[B, T] bool: which slots of the padded step hold real tokens."""

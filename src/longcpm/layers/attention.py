@@ -55,6 +55,8 @@ class Attention(nn.Module):
         return [n > 0 and self.sparse.is_sparse(t) for n, t in zip(meta.new_lens, meta.total_lens)]
 
     def _attend(self, q, k, v, meta: StepMeta, cache: LayerCache | None) -> torch.Tensor:
+        if meta.cu_seqlens is not None:
+            return self._attend_packed(q, k, v, meta)
         sparse_rows = self._sparse_rows(meta)
         if all(sparse_rows):
             o = torch.zeros_like(q)
@@ -76,6 +78,20 @@ class Attention(nn.Module):
                 c2 = cache.c2[b: b + 1] if cache.c2 is not None else None
                 o[b, :n] = infllmv2_decode(q[b: b + 1, :n], cache.k[b: b + 1], cache.v[b: b + 1], seqlens, cfg,
                                            c1=cache.c1[b: b + 1], c2=c2)[0]
+        return o
+
+    def _attend_packed(self, q, k, v, meta: StepMeta) -> torch.Tensor:
+        """Packed documents (B = 1): no attention across documents; the op decides dense/sparse per document."""
+        if self.sparse is not None and meta.attention != "dense":
+            cfg = self.sparse if meta.attention == "auto" else _always_sparse(self.sparse)
+            return infllmv2_attention(q, k, v, cfg, cu_seqlens=meta.cu_seqlens)
+        o = torch.empty_like(q)
+        cu = meta.cu_seqlens.tolist()
+        for s, e in zip(cu[:-1], cu[1:]):
+            if e > s:
+                o[:, s:e] = F.scaled_dot_product_attention(
+                    q[:, s:e].transpose(1, 2), k[:, s:e].transpose(1, 2), v[:, s:e].transpose(1, 2),
+                    is_causal=True, enable_gqa=True).transpose(1, 2)
         return o
 
     def _dense(self, q, k, v, meta: StepMeta, cache: LayerCache | None) -> torch.Tensor:

@@ -43,7 +43,10 @@ class MiniCPM4Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: StepMeta, cache: KVCache | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) * self.config.scale_emb
-        total = max(meta.total_lens) if meta.total_lens else input_ids.shape[1]
+        if meta.cu_seqlens is not None:
+            total = int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
+        else:
+            total = max(meta.total_lens) if meta.total_lens else input_ids.shape[1]
         cos, sin = self.rotary_emb(meta.positions, total)
         for i, layer in enumerate(self.layers):
             lc = cache[i] if cache is not None else None
@@ -71,12 +74,19 @@ class MiniCPM4ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, past_lens=None, new_lens=None,
-                attention: str = "auto", last_only: bool = False) -> torch.Tensor:
+                attention: str = "auto", last_only: bool = False, cu_seqlens: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if attention not in ("auto", "dense", "sparse"):
             raise ValueError(f"attention must be 'auto', 'dense' or 'sparse', got {attention!r}")
+        if cu_seqlens is not None:
+            if B != 1 or cache is not None:
+                raise ValueError("packed sequences (cu_seqlens) need B = 1 and no cache")
+            meta = StepMeta.packed(cu_seqlens, T, input_ids.device, attention)
+            h = self.model(input_ids, meta)
+            return h if return_hidden else self.lm_head(h / self.config.logit_divisor).float()
         if past_lens is None and cache is not None:
             past_lens = cache.lens
         meta = StepMeta.build(B, T, input_ids.device, past_lens, new_lens, attention)
@@ -88,7 +98,13 @@ class MiniCPM4ForCausalLM(nn.Module):
         if last_only:
             idx = torch.tensor([max(n - 1, 0) for n in meta.new_lens], device=h.device)
             h = h[torch.arange(B, device=h.device), idx]
+        if return_hidden:  # the trainer computes the loss in chunks from the final hidden states
+            return h
         return self.lm_head(h / self.config.logit_divisor).float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head with the μP divisor, for callers that asked for return_hidden."""
+        return self.lm_head(hidden / self.config.logit_divisor).float()
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
