@@ -162,10 +162,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 2048
     scale_emb: float = 1.0
     scale_depth: float = 1.0
-    dim_model_base: int | None = None
+    dim_model_base: float = 1
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     bos_token_id: int | None = 1
@@ -190,7 +190,7 @@ class ModelConfig:
     @property
     def logit_divisor(self) -> float:
         """μP: the final hidden state is divided by hidden_size / dim_model_base before lm_head."""
-        return self.hidden_size / self.dim_model_base if self.dim_model_base else 1.0
+        return self.hidden_size / self.dim_model_base
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Dense K+V cache bytes per token, all layers."""
@@ -321,7 +321,8 @@ class ModelConfig:
         if dtype not in DTYPES:
             raise _fail(source, "torch_dtype", f"must be one of {DTYPES}, got {dtype!r}")
 
-        max_pos = req_int("max_position_embeddings") if "max_position_embeddings" in d else 4096
+        # absent fields take the HF MiniCPMConfig class defaults (max_position_embeddings 2048, dim_model_base 1)
+        max_pos = req_int("max_position_embeddings") if "max_position_embeddings" in d else 2048
         rope = _parse_rope(d.get("rope_scaling"), head_dim, max_pos, source)
 
         eos = d.get("eos_token_id", 2)
@@ -329,8 +330,10 @@ class ModelConfig:
         if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
             raise _fail(source, "eos_token_id", f"must be an integer or a list of integers, got {eos!r}")
 
-        dim_model_base = d.get("dim_model_base")
-        if dim_model_base is not None and (not isinstance(dim_model_base, (int, float)) or dim_model_base <= 0):
+        dim_model_base = d.get("dim_model_base", 1)
+        if dim_model_base is None:
+            dim_model_base = 1
+        if isinstance(dim_model_base, bool) or not isinstance(dim_model_base, (int, float)) or dim_model_base <= 0:
             raise _fail(source, "dim_model_base", f"must be a positive number, got {dim_model_base!r}")
 
         tie = d.get("tie_word_embeddings", True)

@@ -43,23 +43,41 @@ class RotaryEmbedding(nn.Module):
     def _inv_freq(self, base: float, device=None) -> torch.Tensor:
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
 
-    def forward(self, positions: torch.Tensor, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [..., T] (int) -> cos, sin [..., T, dim] fp32. total_len: the longest sequence's total length
-        (cache included); LongRoPE switches factor sets and dynamic NTK its base on it."""
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the angle tables: rebuild them in fp32 on the new device
+        super()._apply(fn, recurse)
+        self.reset_buffers(self.inv_freq.device)
+        return self
+
+    @property
+    def factors_differ(self) -> bool:
+        return self.rope_type == "longrope" and self.scaling.long_factor != self.scaling.short_factor
+
+    def forward(self, positions: torch.Tensor, totals) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (int) -> cos, sin [B, T, dim] fp32. totals: each row's total length (cache included), or
+        one int for all rows; LongRoPE picks its factor set per row by it, dynamic NTK its base by the longest."""
         t = positions.float()
         inv_freq = self.inv_freq.to(positions.device)
+        longest = totals if isinstance(totals, int) else max(totals)
         if self.rope_type == "longrope":
-            inv_ext = (self.long_inv_ext if total_len > self.orig_max else self.short_inv_ext).to(positions.device)
-            freqs = (t[..., None] * inv_ext) * inv_freq
+            freqs = (t[..., None] * self._inv_ext(totals, positions)) * inv_freq
         elif self.rope_type == "linear":
             freqs = (t / self.factor)[..., None] * inv_freq
-        elif self.rope_type == "dynamic" and total_len > self.max_pos:
-            base = self.base * ((self.factor * total_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+        elif self.rope_type == "dynamic" and longest > self.max_pos:
+            base = self.base * ((self.factor * longest / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
             freqs = t[..., None] * self._inv_freq(base, positions.device)
         else:
             freqs = t[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attn_scale, emb.sin() * self.attn_scale
+
+    def _inv_ext(self, totals, positions: torch.Tensor) -> torch.Tensor:
+        short, long = self.short_inv_ext.to(positions.device), self.long_inv_ext.to(positions.device)
+        if isinstance(totals, int) or not self.factors_differ:
+            longest = totals if isinstance(totals, int) else max(totals)
+            return long if longest > self.orig_max else short
+        use_long = torch.tensor([n > self.orig_max for n in totals], device=positions.device)
+        return torch.where(use_long[:, None, None], long, short)  # [B, 1, dim/2]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

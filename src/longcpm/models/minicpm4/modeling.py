@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ...config import ModelConfig
+from ...errors import RequestError
 from ...kvcache import KVCache, StepMeta
 from ...layers.attention import Attention
 from ...layers.mlp import SwiGLU
@@ -44,10 +45,12 @@ class MiniCPM4Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: StepMeta, cache: KVCache | None = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) * self.config.scale_emb
         if meta.cu_seqlens is not None:
-            total = int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
+            totals = int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
         else:
-            total = max(meta.total_lens) if meta.total_lens else input_ids.shape[1]
-        cos, sin = self.rotary_emb(meta.positions, total)
+            totals = meta.total_lens
+            if cache is not None and self.rotary_emb.factors_differ:
+                self._check_no_factor_switch(meta)
+        cos, sin = self.rotary_emb(meta.positions, totals)
         for i, layer in enumerate(self.layers):
             lc = cache[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -55,6 +58,19 @@ class MiniCPM4Model(nn.Module):
             else:
                 h = layer(h, cos, sin, meta, lc)
         return self.norm(h)
+
+
+    def _check_no_factor_switch(self, meta: StepMeta) -> None:
+        """LongRoPE with long != short factors picks the set by the total length, so a cached sequence that crosses
+        original_max_position_embeddings would need every cached key (of every layer) recomputed: refuse instead of
+        silently mixing rotations as the HF code does (spec §4 pitfall). No shipped MiniCPM config has long != short."""
+        orig = self.rotary_emb.orig_max
+        for b, (past, total) in enumerate(zip(meta.past_lens, meta.total_lens)):
+            if 0 < past <= orig < total:
+                raise RequestError(
+                    f"sequence {b}: its total length crosses original_max_position_embeddings ({orig}) while cached, "
+                    f"and this checkpoint's LongRoPE long_factor differs from short_factor; prefill the whole "
+                    f"sequence again (or keep prompts + new tokens on one side of {orig})")
 
 
 class MiniCPM4ForCausalLM(nn.Module):
