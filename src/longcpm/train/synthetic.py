@@ -1,0 +1,227 @@
+"""Synthetic long-context tasks in the style of RULER: passkey, multi-key and multi-value needles, variable
+tracking and common-word extraction, at any target token length.
+
+`generate(task, length, seed, tokenizer)` is a pure function of its arguments: the haystack comes from a built-in
+word list and sentence generator (no downloads) and every random choice from random.Random(seed), so an eval run
+can regenerate the exact example. The prompt is sized with the real tokenizer so that prompt + answer + EOS fit in
+`length` tokens (the last filler unit that would overflow is dropped). Seeds >= EVAL_SEED_START are reserved for
+evaluation: training sources (`train.data.SyntheticSource`) refuse them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
+EVAL_SEED_START = 10**6
+
+_NOUNS = ("river", "mountain", "garden", "teacher", "window", "engine", "forest", "village", "market", "letter",
+          "bridge", "harbor", "library", "painter", "kitchen", "orchard", "lantern", "meadow", "captain", "castle",
+          "island", "farmer", "doctor", "valley", "station", "student", "bakery", "violin", "compass", "desert",
+          "festival", "museum", "pilot", "canyon", "blanket", "mirror", "ladder", "tunnel", "glacier", "workshop")
+_ADJS = ("quiet", "bright", "ancient", "narrow", "golden", "gentle", "busy", "distant", "humble", "silver",
+         "crowded", "patient", "curious", "wooden", "hidden", "sudden", "careful", "frozen", "rusty", "cheerful",
+         "steady", "hollow", "vivid", "modest", "restless", "shallow", "fragrant", "sturdy", "polite", "weary")
+_VERBS = ("visited", "painted", "repaired", "described", "followed", "admired", "carried", "measured", "guarded",
+          "studied", "crossed", "cleaned", "watched", "built", "discovered", "remembered", "opened", "decorated")
+_PREPS = ("near", "behind", "beside", "across", "above", "below", "beyond", "inside", "around", "toward")
+_TIMES = ("Every morning", "Last winter", "On most evenings", "Long ago", "During the festival", "After the rain",
+          "Before sunrise", "In the spring", "Once a year", "Later that day")
+_SYLLABLES = ("ba", "ko", "ri", "mu", "sen", "ta", "lo", "vi", "nar", "pe", "du", "mi", "zo", "fa", "gel", "tu")
+
+
+@dataclass(frozen=True)
+class SyntheticExample:
+    """One task instance. `answers`: the strings a correct reply must contain (eval scoring)."""
+
+    task: str
+    length: int
+    seed: int
+    prompt: str
+    answer: str
+    answers: tuple[str, ...]
+
+    def token_ids(self, tokenizer, eos_id: int | None = None) -> list[int]:
+        """The training document: BOS + prompt + answer + EOS."""
+        eos = tokenizer.eos_token_id if eos_id is None else eos_id
+        return tokenizer.encode(self.prompt + self.answer) + [eos]
+
+
+def filler_sentence(rng: random.Random) -> str:
+    """A grammatical, meaningless sentence from the built-in word lists."""
+    c = rng.choice
+    if rng.random() < 0.5:
+        return f"The {c(_ADJS)} {c(_NOUNS)} {c(_VERBS)} the {c(_ADJS)} {c(_NOUNS)} {c(_PREPS)} the {c(_NOUNS)}."
+    return f"{c(_TIMES)}, one {c(_ADJS)} {c(_NOUNS)} {c(_VERBS)} the {c(_NOUNS)} {c(_PREPS)} the {c(_ADJS)} {c(_NOUNS)}."
+
+
+def word(i: int) -> str:
+    """The i-th distinct word: the built-in lists first, then pronounceable syllable words."""
+    base = _NOUNS + _ADJS
+    if i < len(base):
+        return base[i]
+    i -= len(base)
+    out = ""
+    while True:
+        out += _SYLLABLES[i % len(_SYLLABLES)]
+        i //= len(_SYLLABLES)
+        if i == 0:
+            return out + "x"  # the suffix keeps syllable words distinct from each other's prefixes
+        i -= 1
+
+
+def _number(rng: random.Random, digits: int = 7) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def _key(rng: random.Random, used: set[str]) -> str:
+    while True:
+        k = f"{rng.choice(_ADJS)}-{rng.choice(_NOUNS)}"
+        if k not in used:
+            used.add(k)
+            return k
+
+
+def _var(rng: random.Random, used: set[str]) -> str:
+    while True:
+        v = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if v not in used:
+            used.add(v)
+            return v
+
+
+def _haystack(rng: random.Random, n: int, needles: list[tuple[float, str]]) -> str:
+    """n filler sentences with needles inserted at their depth fractions (stable order for equal depths)."""
+    units = [filler_sentence(rng) for _ in range(n)]
+    for depth, text in sorted(needles, key=lambda x: x[0], reverse=True):
+        units.insert(round(depth * n), text)
+    return " ".join(units)
+
+
+# Each builder maps (rng, n filler units) to (prompt, answer, answers); the same rng state gives the same needles.
+def _passkey(rng: random.Random, n: int):
+    key = _number(rng, 5)
+    depth = rng.random()
+    hay = _haystack(rng, n, [(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")])
+    prompt = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+              f"I will quiz you about the pass key.\n\n{hay}\n\nWhat is the pass key? The pass key is")
+    return prompt, f" {key}.", (key,)
+
+
+def _multikey(rng: random.Random, n: int, num_keys: int = 4):
+    used: set[str] = set()
+    pairs = [(_key(rng, used), _number(rng)) for _ in range(num_keys)]
+    needles = [(rng.random(), f"One of the special magic numbers for {k} is: {v}.") for k, v in pairs]
+    key, value = pairs[0]
+    hay = _haystack(rng, n, needles)
+    q = f"What is the special magic number for {key} mentioned in the provided text?"
+    prompt = (f"Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+              f"I will quiz you about the numbers afterwards.\n\n{hay}\n\n{q} "
+              f"The special magic number for {key} mentioned in the provided text is")
+    return prompt, f" {value}.", (value,)
+
+
+def _multivalue(rng: random.Random, n: int, num_values: int = 4):
+    key = _key(rng, set())
+    values = [_number(rng) for _ in range(num_values)]
+    depths = sorted(rng.random() for _ in values)  # values appear in list order, which is the answer's order
+    hay = _haystack(rng, n, [(d, f"One of the special magic numbers for {key} is: {v}.") for d, v in zip(depths, values)])
+    q = f"What are all the special magic numbers for {key} mentioned in the provided text?"
+    prompt = (f"Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+              f"I will quiz you about the numbers afterwards.\n\n{hay}\n\n{q} "
+              f"The special magic numbers for {key} mentioned in the provided text are")
+    return prompt, " " + ", ".join(values) + ".", tuple(values)
+
+
+def _variable_tracking(rng: random.Random, n: int, hops: int = 4):
+    used: set[str] = set()
+    value, other = _number(rng, 5), _number(rng, 5)
+    chain = [_var(rng, used) for _ in range(hops + 1)]
+    decoy = [_var(rng, used) for _ in range(hops + 1)]
+    needles = []
+    for names, val in ((chain, value), (decoy, other)):
+        depths = sorted(rng.random() for _ in names)
+        stmts = [f"VAR {names[0]} = {val}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        needles += list(zip(depths, stmts))
+    hay = _haystack(rng, n, needles)
+    prompt = (f"Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{hay}\n\n"
+              f"Question: Find all variables that are assigned the value {value} in the text above. Answer: "
+              f"According to the chain(s) of variable assignment in the text above, {len(chain)} variables are "
+              f"assigned the value {value}, they are:")
+    return prompt, " " + " ".join(chain) + ".", tuple(chain)
+
+
+def _common_words(rng: random.Random, n: int):
+    # n = distinct rare words (2 copies each); the common ones appear more often than any rare word at any n
+    k = 10 if n >= 200 else 3
+    ids = rng.sample(range(max(4 * (n + k), 400)), n + k)
+    common, rare = [word(i) for i in ids[:k]], [word(i) for i in ids[k:]]
+    freq = 4 + n // 40
+    words = common * freq + rare * 2
+    rng.shuffle(words)
+    first = {w: words.index(w) for w in common}
+    common.sort(key=first.__getitem__)  # answer order: first appearance in the list
+    listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+    prompt = (f"Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
+              f"ones that appear most often.\n{listing}\nQuestion: What are the {k} most common words in the above "
+              f"list? Answer: The top {k} words that appear most often in the list are:")
+    return prompt, " " + ", ".join(common) + ".", tuple(common)
+
+
+_BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
+                                  "variable_tracking": _variable_tracking, "common_words": _common_words}
+
+
+def generate(task: str, length: int, seed: int, tokenizer, *, allow_longer: bool = False) -> SyntheticExample:
+    """The example of `task` with the most filler such that BOS + prompt + answer + EOS <= length tokens.
+    A length below the task's minimum (no filler at all) raises, or with allow_longer gives the no-filler one."""
+    if task not in _BUILDERS:
+        raise ValueError(f"unknown synthetic task {task!r} (tasks: {', '.join(TASKS)})")
+    build = _BUILDERS[task]
+    cache: dict[int, tuple[int, tuple]] = {}
+
+    def count(n: int) -> int:
+        if n not in cache:
+            out = build(random.Random(seed), n)
+            cache[n] = (len(tokenizer.encode(out[0] + out[1])) + 1, out)
+        return cache[n][0]
+
+    if count(0) > length:
+        if allow_longer:
+            prompt, answer, answers = cache[0][1]
+            return SyntheticExample(task, length, seed, prompt, answer, answers)
+        raise ValueError(f"{task}: length {length} is below the task's minimum of {count(0)} tokens")
+    n = _fit(count, length)
+    prompt, answer, answers = cache[n][1]
+    return SyntheticExample(task, length, seed, prompt, answer, answers)
+
+
+def _fit(count: Callable[[int], int], budget: int) -> int:
+    """Largest n with count(n) <= budget, for a count that grows about linearly in n: secant steps from a
+    per-unit estimate, then a bisection between the best bounds seen."""
+    base = count(0)
+    per = max((count(8) - base) / 8, 1.0)
+    lo, hi = 0, None  # count(lo) <= budget; count(hi) > budget
+    n = int((budget - base) / per)
+    for _ in range(6):
+        n = max(n, lo + 1) if hi is None else min(max(n, lo + 1), hi - 1)
+        if hi is not None and n >= hi:
+            break
+        c = count(n)
+        if c <= budget:
+            lo = n
+        else:
+            hi = n
+        if hi is not None and hi - lo <= 1:
+            return lo
+        n = n + int((budget - c) / per) + (1 if c <= budget else -1)
+    if hi is None:
+        hi = lo + 1
+        while count(hi) <= budget:
+            lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= budget else (lo, mid)
+    return lo

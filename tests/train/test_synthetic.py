@@ -1,0 +1,62 @@
+"""Synthetic long-context tasks: deterministic per (task, length, seed), sized with the real tokenizer, the answer
+is in the prompt, eval seeds are refused by training sources."""
+
+import pytest
+
+from longcpm.train.data import SyntheticSource
+from longcpm.train.synthetic import EVAL_SEED_START, TASKS, generate, word
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_deterministic_sized_and_answerable(task, tokenizer):
+    for length, seed in ((400, 1), (1500, 2), (3000, EVAL_SEED_START + 7)):
+        ex = generate(task, length, seed, tokenizer)
+        again = generate(task, length, seed, tokenizer)
+        assert ex == again
+        n = len(ex.token_ids(tokenizer))
+        assert length - 40 <= n <= length, (task, length, n)
+        assert ex.answers and all(a in ex.prompt for a in ex.answers)
+        assert all(a in ex.answer for a in ex.answers)
+        assert ex.token_ids(tokenizer)[-1] == tokenizer.eos_token_id
+    assert generate(task, 1500, 3, tokenizer) != generate(task, 1500, 2, tokenizer)
+
+
+def test_specific_answers(tokenizer):
+    ex = generate("passkey", 600, 11, tokenizer)
+    key = ex.answers[0]
+    assert f"The pass key is {key}." in ex.prompt and ex.prompt.endswith("The pass key is")
+    mv = generate("niah_multivalue", 800, 4, tokenizer)
+    positions = [mv.prompt.index(v) for v in mv.answers]
+    assert positions == sorted(positions) and len(mv.answers) == 4
+    vt = generate("variable_tracking", 900, 5, tokenizer)
+    value = vt.prompt.split("assigned the value ")[1].split()[0]
+    assert f"VAR {vt.answers[0]} = {value}." in vt.prompt
+    for a, b in zip(vt.answers, vt.answers[1:]):
+        assert f"VAR {b} = VAR {a}." in vt.prompt
+    cw = generate("common_words", 2000, 6, tokenizer)
+    listing = cw.prompt.split("\n")[1].split()
+    words = listing[1::2]
+    counts = {w: words.count(w) for w in set(words)}
+    top = min(counts[w] for w in cw.answers)
+    assert all(c < top for w, c in counts.items() if w not in cw.answers)
+
+
+def test_too_short_and_word_list(tokenizer):
+    with pytest.raises(ValueError, match="minimum"):
+        generate("niah_multikey", 50, 0, tokenizer)
+    assert len(generate("niah_multikey", 50, 0, tokenizer, allow_longer=True).prompt) > 0
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        generate("qa", 500, 0, tokenizer)
+    words = [word(i) for i in range(5000)]
+    assert len(set(words)) == 5000
+
+
+def test_training_source_refuses_eval_seeds(tokenizer):
+    with pytest.raises(ValueError, match="reserved for evaluation"):
+        SyntheticSource(tokenizer, seed=EVAL_SEED_START)
+    src = SyntheticSource(tokenizer, tasks=["passkey"], min_len=100, max_len=200, seed=EVAL_SEED_START - 1)
+    assert all(0 <= src.example_seed(k) < EVAL_SEED_START for k in (0, 1, 10**7))
+    a = src.doc(3)
+    assert (a == SyntheticSource(tokenizer, tasks=["passkey"], min_len=100, max_len=200,
+                                 seed=EVAL_SEED_START - 1).doc(3)).all()
+    assert 90 <= len(a) <= 200
