@@ -38,7 +38,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_new: int = 128) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longcpm", description="Long-context MiniCPM4 inference.")
+    parser = argparse.ArgumentParser(prog="longcpm", description="Long-context MiniCPM4 inference and training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming to stdout")
@@ -76,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="The capital of France is")
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train or continue a model from a RUN.toml (see docs/training.md)")
+    t.add_argument("run_toml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one key of the run file (repeatable)")
+    t.set_defaults(func=cmd_train)
     return parser
+
+
+def cmd_train(args) -> int:
+    from ..train.__main__ import parse_set
+    from ..train.trainer import main as train_main
+    train_main(args.run_toml, parse_set(args.overrides))
+    return 0
 
 
 def _sparse_config(args):

@@ -7,7 +7,7 @@ The paged cache of the engine replaces this class; the model sees only LayerCach
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,13 @@ class StepMeta:
     attention: str = "auto"
     # packed documents (B = 1, training): int32 [N+1] offsets; positions restart and attention stays per document
     cu_seqlens: torch.Tensor | None = None
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: str, build):
+        """Per-step values every layer needs (e.g. the dense mask): built once, shared by all layers."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def total_lens(self) -> list[int]:

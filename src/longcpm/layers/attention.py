@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ModelConfig
 from ..errors import ConfigError
@@ -107,11 +108,21 @@ class Attention(nn.Module):
             Tk = max(meta.total_lens)
             kk, vv = cache.k[:, :Tk], cache.v[:, :Tk]
             totals = torch.tensor(meta.total_lens, device=q.device)
-        j = torch.arange(kk.shape[1], device=q.device)
-        mask = (j[None, None, :] <= meta.positions[:, :, None]) & (j[None, None, :] < totals[:, None, None])
-        o = F.scaled_dot_product_attention(qt, kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask[:, None],
-                                           enable_gqa=True)
+        mask = meta.cached("dense_mask", lambda: _dense_mask(meta.positions, totals, kk.shape[1]))
+        with sdpa_kernel(_MASKED_BACKENDS):
+            o = F.scaled_dot_product_attention(qt, kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask,
+                                               enable_gqa=True)
         return o.transpose(1, 2)
+
+
+# cuDNN would rebuild its execution graph for every new key length during decode (milliseconds of CPU per call)
+_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def _dense_mask(positions: torch.Tensor, totals: torch.Tensor, Tk: int) -> torch.Tensor:
+    """[B, 1, T, Tk] bool: key j visible to the query at positions[b, t] and inside row b's total length."""
+    j = torch.arange(Tk, device=positions.device)
+    return ((j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < totals[:, None, None]))[:, None]
 
 
 def _always_sparse(cfg):
