@@ -68,6 +68,14 @@ def update_compressed_cache(k_cache: torch.Tensor, c1: torch.Tensor, c2: torch.T
     pairs = [(c1, cfg.kernel_size, cfg.kernel_stride)]
     if c2 is not None:
         pairs.append((c2, cfg.lse_kernel_size, cfg.lse_kernel_stride))
+    if k_cache.is_cuda and resolve_backend(None, k_cache) == "triton" and k_cache.is_contiguous():
+        from .compress import append_compressed
+        old = torch.as_tensor(past_lens, dtype=torch.int32).to(k_cache.device, non_blocking=True)
+        new = torch.as_tensor(total_lens, dtype=torch.int32).to(k_cache.device, non_blocking=True)
+        grow = max((t - p for p, t in zip(past_lens, total_lens)), default=0)
+        for c, ks, st in pairs:
+            append_compressed(k_cache, c, old, new, ks, st, -(-grow // st) + 1 if grow > 0 else 0)
+        return
     for c, ks, st in pairs:
         for b, (p, t) in enumerate(zip(past_lens, total_lens)):
             lo, hi = compressed_len(p, ks, st), compressed_len(t, ks, st)
