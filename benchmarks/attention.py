@@ -267,6 +267,27 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def summary(records: list[dict]) -> list[str]:
+    """Ratios against the targets of issue 4, from this run only."""
+    def ms(impl, phase, N, B=1):
+        r = next((r for r in records if (r["impl"], r["phase"], r["N"], r["B"]) == (impl, phase, N, B)), None)
+        return r["ms"] if r and isinstance(r["ms"], float) else None
+
+    lines = []
+    for N in sorted({r["N"] for r in records if r["phase"] == "prefill"}):
+        ours, cud, fl, nsa = (ms(i, "prefill", N) for i in ("longcpm", "sdpa_cudnn", "flex", "fla_nsa"))
+        st2 = next((r for r in records if (r["impl"], r["phase"], r["N"]) == ("longcpm_stage2", "prefill", N)), {})
+        rat = lambda a, b: f"{a / b:.3f}" if a and b else "n/a"  # noqa: E731
+        lines.append(f"prefill N={N}: longcpm {ours} ms | /sdpa_cudnn {rat(ours, cud)} | /flex {rat(ours, fl)} | "
+                     f"/fla_nsa {rat(ours, nsa)} | stage2 {st2.get('ms')} ms = {st2.get('tflops_eff')} TFLOP/s eff")
+    for B, N in sorted({(r["B"], r["N"]) for r in records if r["phase"] == "decode"}):
+        ours, g, fa = ms("longcpm", "decode", N, B), ms("longcpm_graph", "decode", N, B), ms("sdpa_flash", "decode", N, B)
+        best = min(x for x in (ours, g) if x) if (ours or g) else None
+        lines.append(f"decode B={B} N={N}: longcpm {ours} ms, graph {g} ms | best/sdpa_flash "
+                     f"{best / fa:.3f}" if best and fa else f"decode B={B} N={N}: n/a")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or None)
@@ -290,8 +311,10 @@ def main() -> None:
         except Exception:
             traceback.print_exc()
         torch.cuda.empty_cache()
+    res["summary"] = summary(res["records"])
     p = write_json(res, "attention-h200.json", args.out)
     plot(res["records"], p.with_suffix(".png"))
+    print("\n".join(res["summary"]))
     print(f"wrote {p}")
 
 
