@@ -86,7 +86,7 @@ def flex_block_mask(sel64: torch.Tensor, T: int):
 
     def to_kv(m):
         num = m.sum(-1).int()
-        ind = m.int().argsort(-1, descending=True, stable=True).int()
+        ind = torch.argsort(m.int(), dim=-1, descending=True, stable=True).int()
         return num.repeat_interleave(G, 0)[None].contiguous(), ind.repeat_interleave(G, 0)[None].contiguous()
 
     pn, pi = to_kv(part)
