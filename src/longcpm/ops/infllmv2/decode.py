@@ -16,12 +16,14 @@ import triton
 import triton.language as tl
 
 from .parallel import (
+    LN2,
     LOG2E,
     MAX_BT,
     _attend_union,
     _check_block_idx,
     _finalize,
     _last_dim_contiguous,
+    _output,
     block_union,
     dot_precision,
     union_width,
@@ -103,7 +105,7 @@ def decode_combine_kernel(
     p_o = o + i_b.to(tl.int64) * stride_ob + r_t[:, None] * stride_ot + (i_h * G + r_g)[:, None] * stride_oh
     tl.store(p_o + o_d[None, :], b_o.to(p_o.dtype.element_ty), mask=m_r[:, None] & (o_d < D)[None, :])
     if STORE_LSE:
-        b_lse = tl.where(m_l, b_mx + tl.log2(tl.where(m_l, b_sum, 1.)), float("-inf")) * 0.6931471805599453
+        b_lse = tl.where(m_l, b_mx + tl.log2(tl.where(m_l, b_sum, 1.)), float("-inf")) * LN2
         tl.store(lse + i_b.to(tl.int64) * stride_lb + r_t * stride_lt + i_h * G + r_g, b_lse, mask=m_r)
 
 
@@ -120,20 +122,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_num_splits(B: int, H: int, n_entries: int, device: torch.device) -> int:
-    """Enough programs for two waves over the SMs, at least two blocks per split, at most 64 splits."""
-    return max(1, min(triton.cdiv(2 * _sm_count(device), B * H), triton.cdiv(n_entries, 2), 64))
+    """About two programs per SM, but at least 6 blocks per split (H200, 96 blocks of 64: 16 splits at batch 1 ran
+    in 18 us against 26 us with 48; 8-9 splits at batch 16)."""
+    return max(1, min(triton.cdiv(2 * _sm_count(device), B * H), triton.cdiv(n_entries, 6)))
 
 
 def decode_block_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   cache_seqlens: torch.Tensor, block_idx: torch.Tensor, block_size: int, *,
                                   window_blocks: int = 0, sm_scale: float | None = None, num_splits: int | None = None,
-                                  return_lse: bool = False):
+                                  return_lse: bool = False, out: torch.Tensor | None = None):
     """Block-sparse attention of the last Tq (1..16) tokens of each sequence against its KV cache.
 
     q [B, Tq, HQ, D]; k_cache, v_cache [B, Tmax, H, D]; cache_seqlens int32 [B] on the device: valid length of
     each sequence, the Tq new tokens included (query t sits at cache_seqlens - Tq + t). block_idx int32
     [B, Tq, H, W], ascending, -1 padded; window_blocks > 0 adds the v1 window. No host synchronisation: CUDA-graph
-    capturable. Returns o [B, Tq, HQ, D] in q's dtype (and the natural-log LSE fp32 [B, Tq, HQ] with return_lse).
+    capturable. Returns o [B, Tq, HQ, D] in q's dtype, written into `out` when given (and the natural-log LSE fp32
+    [B, Tq, HQ] with return_lse). num_splits: programs per (sequence, kv head); default from the shapes.
     """
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or q.shape[0] != k_cache.shape[0] \
             or q.shape[-1] != k_cache.shape[-1]:
@@ -141,8 +145,8 @@ def decode_block_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     B, Tq, HQ, D = q.shape
     Tmax, H = k_cache.shape[1], k_cache.shape[2]
-    if HQ % H or not 1 <= Tq <= MAX_BT or block_size & (block_size - 1) or D > 256:
-        raise ValueError(f"need HQ % H == 0, 1 <= Tq <= {MAX_BT}, a power-of-2 block_size and head_dim <= 256; "
+    if HQ % H or not 1 <= Tq <= MAX_BT or block_size & (block_size - 1) or block_size < 16 or D > 256:
+        raise ValueError(f"need HQ % H == 0, 1 <= Tq <= {MAX_BT}, a power-of-2 block_size >= 16, head_dim <= 256; "
                          f"got HQ={HQ}, H={H}, Tq={Tq}, block_size={block_size}, D={D}")
     G = HQ // H
     block_idx = _check_block_idx(block_idx, q, H)
@@ -172,10 +176,10 @@ def decode_block_sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_idx.stride(0), block_idx.stride(2),
         Tq, W, c_max, scale * LOG2E,
-        H=H, G=G, D=D, BS=block_size, BT=BT, G_PAD=g_pad, M=M, BN=64 if D <= 128 else 32, BD=BD, S=S,
-        W_PAD=triton.next_power_of_2(W), RAW=raw, PREC=dot_precision(q.dtype), num_warps=4, num_stages=3,
+        H=H, G=G, D=D, BS=block_size, BT=BT, G_PAD=g_pad, M=M, BN=min(64 if D <= 128 else 32, block_size), BD=BD,
+        S=S, W_PAD=triton.next_power_of_2(W), RAW=raw, PREC=dot_precision(q.dtype), num_warps=4, num_stages=3,
     )
-    o = torch.empty_like(q)
+    o = _output(out, q)
     lse = torch.empty(B, Tq, HQ, dtype=torch.float32, device=q.device) if return_lse else o
     decode_combine_kernel[(H, B)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), Tq,
