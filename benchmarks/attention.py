@@ -99,10 +99,21 @@ def flex_block_mask(sel64: torch.Tensor, T: int):
     return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=FB, mask_mod=mask_mod)
 
 
-def prefill_rows(N: int, check: bool, flex_fn, nsa_fn) -> list[dict]:
+def make_queries(N: int, queries: str, dev: str) -> torch.Tensor:
+    """random: independent per token (each token's top-k is its own: the worst case for tiles that share lists).
+    smooth: a component shared by the 64 tokens of a block plus per-token noise (rho = 0.9), as consecutive
+    queries of a real model are correlated; the selection is still computed per token by stage 1."""
+    q = torch.randn(1, N, HQ, D, device=dev, dtype=torch.float32)
+    if queries == "smooth":
+        base = torch.randn(1, -(-N // BS), HQ, D, device=dev).repeat_interleave(BS, 1)[:, :N]
+        q = 0.9 * base + (1 - 0.9 ** 2) ** 0.5 * q
+    return q.to(torch.bfloat16)
+
+
+def prefill_rows(N: int, check: bool, flex_fn, nsa_fn, queries: str = "random") -> list[dict]:
     torch.manual_seed(N)
     dev = "cuda"
-    q = torch.randn(1, N, HQ, D, device=dev, dtype=torch.bfloat16)
+    q = make_queries(N, queries, dev)
     k = torch.randn(1, N, H, D, device=dev, dtype=torch.bfloat16)
     v = torch.randn(1, N, H, D, device=dev, dtype=torch.bfloat16)
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -113,7 +124,7 @@ def prefill_rows(N: int, check: bool, flex_fn, nsa_fn) -> list[dict]:
     rows = []
 
     def rec(impl, ms, flops=None, **extra):
-        r = {"impl": impl, "phase": "prefill", "N": N, "B": 1, "ms": ms}
+        r = {"impl": impl, "phase": "prefill", "N": N, "B": 1, "ms": ms, "queries": queries}
         if isinstance(ms, float) and flops:
             r["tflops_eff"] = round(flops / ms / 1e9, 1)
         r.update(extra)
@@ -247,9 +258,14 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     pre = [r for r in records if r["phase"] == "prefill" and isinstance(r["ms"], float)]
-    for impl in sorted({r["impl"] for r in pre}):
-        rs = sorted((r for r in pre if r["impl"] == impl), key=lambda r: r["N"])
-        axes[0].plot([r["N"] for r in rs], [r["ms"] for r in rs], marker="o", label=impl)
+    modes = sorted({r.get("queries", "random") for r in pre})
+    for r in pre:  # dense peers do not depend on the queries' structure: one line for them
+        r["_label"] = r["impl"] if r["impl"].startswith("sdpa") else f"{r['impl']} [{r.get('queries', 'random')}]"
+    pre = [r for r in pre if not r["impl"].startswith("sdpa") or r.get("queries", "random") == modes[0]]
+    for label in sorted({r["_label"] for r in pre}):
+        rs = sorted((r for r in pre if r["_label"] == label), key=lambda r: r["N"])
+        axes[0].plot([r["N"] for r in rs], [r["ms"] for r in rs], marker="o", label=label,
+                     linestyle="--" if "smooth" in label else "-")
     axes[0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms (median)",
                 title="prefill, MiniCPM4-8B attention (HQ=32, H=2, D=128, bf16)")
     axes[0].legend(fontsize=8)
@@ -265,6 +281,8 @@ def plot(records: list[dict], path: Path) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    for r in records:
+        r.pop("_label", None)
 
 
 def summary(records: list[dict]) -> list[str]:
@@ -274,12 +292,18 @@ def summary(records: list[dict]) -> list[str]:
         return r["ms"] if r and isinstance(r["ms"], float) else None
 
     lines = []
-    for N in sorted({r["N"] for r in records if r["phase"] == "prefill"}):
-        ours, cud, fl, nsa = (ms(i, "prefill", N) for i in ("longcpm", "sdpa_cudnn", "flex", "fla_nsa"))
-        st2 = next((r for r in records if (r["impl"], r["phase"], r["N"]) == ("longcpm_stage2", "prefill", N)), {})
-        rat = lambda a, b: f"{a / b:.3f}" if a and b else "n/a"  # noqa: E731
-        lines.append(f"prefill N={N}: longcpm {ours} ms | /sdpa_cudnn {rat(ours, cud)} | /flex {rat(ours, fl)} | "
-                     f"/fla_nsa {rat(ours, nsa)} | stage2 {st2.get('ms')} ms = {st2.get('tflops_eff')} TFLOP/s eff")
+    all_records = records
+    for qm in sorted({r.get("queries", "random") for r in all_records if r["phase"] == "prefill"}):
+        records = [r for r in all_records if r["phase"] != "prefill" or r.get("queries", "random") == qm]
+        for N in sorted({r["N"] for r in records if r["phase"] == "prefill"}):
+            ours, cud, fl, nsa = (ms(i, "prefill", N) for i in ("longcpm", "sdpa_cudnn", "flex", "fla_nsa"))
+            st2 = next((r for r in records if (r["impl"], r["phase"], r["N"]) == ("longcpm_stage2", "prefill", N)),
+                       {})
+            rat = lambda a, b: f"{a / b:.3f}" if a and b else "n/a"  # noqa: E731
+            lines.append(f"prefill[{qm}] N={N}: longcpm {ours} ms | /sdpa_cudnn {rat(ours, cud)} | /flex "
+                         f"{rat(ours, fl)} | /fla_nsa {rat(ours, nsa)} | stage2 {st2.get('ms')} ms = "
+                         f"{st2.get('tflops_eff')} TFLOP/s eff")
+    records = all_records
     for B, N in sorted({(r["B"], r["N"]) for r in records if r["phase"] == "decode"}):
         ours, g, fa = ms("longcpm", "decode", N, B), ms("longcpm_graph", "decode", N, B), ms("sdpa_flash", "decode", N, B)
         best = min(x for x in (ours, g) if x) if (ours or g) else None
@@ -294,16 +318,18 @@ def main() -> None:
     ap.add_argument("--ns", default="8192,32768,65536,131072")
     ap.add_argument("--decode", default="1x32768,1x131072,16x32768,16x131072")
     ap.add_argument("--check-max", type=int, default=8192, help="check outputs against masked SDPA up to this N")
+    ap.add_argument("--queries", default="random,smooth", help="query structures to run: random, smooth")
     args = ap.parse_args()
     flex_fn, nsa_fn, notes = load_peers()
     res = {**environment(), "shapes": {"HQ": HQ, "H": H, "D": D, "dtype": "bfloat16"},
            "sparse_config": CFG.to_dict(), "notes": notes, "records": []}
-    for N in [int(x) for x in args.ns.split(",") if x]:
-        try:
-            res["records"] += prefill_rows(N, N <= args.check_max, flex_fn, nsa_fn)
-        except Exception:
-            traceback.print_exc()
-        torch.cuda.empty_cache()
+    for queries in [x for x in args.queries.split(",") if x]:
+        for N in [int(x) for x in args.ns.split(",") if x]:
+            try:
+                res["records"] += prefill_rows(N, N <= args.check_max, flex_fn, nsa_fn, queries)
+            except Exception:
+                traceback.print_exc()
+            torch.cuda.empty_cache()
     for spec in [s for s in args.decode.split(",") if s]:
         B, N = (int(x) for x in spec.split("x"))
         try:
