@@ -110,6 +110,24 @@ def make_queries(N: int, queries: str, dev: str) -> torch.Tensor:
     return q.to(torch.bfloat16)
 
 
+def flex_union_mask(sel64: torch.Tensor, T: int):
+    """Not the same attention: every query of a 128-token tile attends every key tile any of its tokens selected
+    (how ../shared/anchors measured Flex). Reported as flex_union, for comparison with the anchors only."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    FB = 128
+    nq = T // FB
+    tiles = sel64.view(H, T, -1, 2).any(-1).view(H, nq, FB, -1).any(2)
+    qb = torch.arange(nq, device=sel64.device)[:, None]
+    kb = torch.arange(tiles.shape[-1], device=sel64.device)[None, :]
+    full = tiles & (kb < qb)
+    diag = torch.zeros_like(full) | (kb == qb)
+    rep = lambda t: t.repeat_interleave(G, 0)[None].contiguous()  # noqa: E731
+    order = lambda m: torch.argsort(m.int(), dim=-1, descending=True, stable=True).int()  # noqa: E731
+    return BlockMask.from_kv_blocks(rep(diag.sum(-1).int()), rep(order(diag)), rep(full.sum(-1).int()),
+                                    rep(order(full)), BLOCK_SIZE=FB, mask_mod=lambda b, h, q, kv: kv <= q)
+
+
 def prefill_rows(N: int, check: bool, flex_fn, nsa_fn, queries: str = "random") -> list[dict]:
     torch.manual_seed(N)
     dev = "cuda"
@@ -162,6 +180,13 @@ def prefill_rows(N: int, check: bool, flex_fn, nsa_fn, queries: str = "random") 
             del bm
         except Exception as e:
             rec("flex", f"err: {type(e).__name__}: {str(e)[:200]}")
+        try:  # the anchors' looser peer: union of the selection over 128-token query tiles, causal mask only
+            bmu = flex_union_mask(sel64, N)
+            fu = lambda: flex_fn(qh, kh, vh, block_mask=bmu, enable_gqa=True)  # noqa: E731
+            rec("flex_union", try_bench(fu), flops_sparse, exact=False)
+            del bmu
+        except Exception as e:
+            rec("flex_union", f"err: {type(e).__name__}: {str(e)[:200]}")
     if nsa_fn is not None:
         try:
             cnt = (idx >= 0).sum(-1).int()
