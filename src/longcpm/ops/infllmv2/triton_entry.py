@@ -28,7 +28,7 @@ def _window_blocks(cfg: SparseConfig) -> int:
 
 def triton_infllmv2_attention(q, k, v, cfg: SparseConfig, *, cu_seqlens=None, cu_seqlens_k=None, q_sel=None,
                               k_sel=None) -> torch.Tensor:
-    from .parallel import parallel_block_sparse_attention
+    from .autograd import sparse_attention_with_grad  # the plain forward unless q, k or v needs a gradient
     from .select import parallel_infllmv2_select
 
     check_qkv(q, k, v, cu_seqlens, cu_seqlens_k)
@@ -36,14 +36,14 @@ def triton_infllmv2_attention(q, k, v, cfg: SparseConfig, *, cu_seqlens=None, cu
         if not cfg.is_sparse(k.shape[1]):
             return _dense(q, k, v)
         idx = parallel_infllmv2_select(q, k, cfg, q_sel=q_sel, k_sel=k_sel)
-        return parallel_block_sparse_attention(q, k, v, idx, cfg.block_size, window_blocks=_window_blocks(cfg))
+        return sparse_attention_with_grad(q, k, v, idx, cfg.block_size, window_blocks=_window_blocks(cfg))
     bounds = seq_bounds(1, q.shape[1], k.shape[1], cu_seqlens, cu_seqlens_k)
     sparse = [cfg.is_sparse(lk) for *_, lk in bounds]
     if all(sparse):
         idx = parallel_infllmv2_select(q, k, cfg, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, q_sel=q_sel,
                                        k_sel=k_sel)
-        return parallel_block_sparse_attention(q, k, v, idx, cfg.block_size, window_blocks=_window_blocks(cfg),
-                                               cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
+        return sparse_attention_with_grad(q, k, v, idx, cfg.block_size, window_blocks=_window_blocks(cfg),
+                                          cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
     out = torch.empty_like(q)
     for (_, qs, lq, ks, lk), is_sparse in zip(bounds, sparse):
         if lq == 0:
@@ -55,8 +55,8 @@ def triton_infllmv2_attention(q, k, v, cfg: SparseConfig, *, cu_seqlens=None, cu
         qsel = None if q_sel is None else q_sel[:, qs: qs + lq]
         ksel = None if k_sel is None else k_sel[:, ks: ks + lk]
         idx = parallel_infllmv2_select(qq, kk, cfg, q_sel=qsel, k_sel=ksel)
-        out[:, qs: qs + lq] = parallel_block_sparse_attention(qq, kk, vv, idx, cfg.block_size,
-                                                              window_blocks=_window_blocks(cfg))
+        out[:, qs: qs + lq] = sparse_attention_with_grad(qq, kk, vv, idx, cfg.block_size,
+                                                         window_blocks=_window_blocks(cfg))
     return out
 
 
