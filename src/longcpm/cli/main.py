@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one key of the run file (repeatable)")
     t.set_defaults(func=cmd_train)
+
+    from ..eval.cli import add_eval_parser
+    from ..server.cli import add_serve_parser
+    add_eval_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

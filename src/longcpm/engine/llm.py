@@ -1,11 +1,14 @@
 """LLM: the user-facing entry point (vLLM style): load a checkpoint and its tokenizer, then generate or chat.
 
-Turns user prompts (strings, token ids, chat conversations) into Requests and hands them to BatchGenerator.
+Turns user prompts (strings, token ids, chat conversations) into requests of the continuous-batching LLMEngine
+(paged KV cache, chunked prefill, CUDA graphs on GPU) and collects their outputs in order.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
+import time
 from collections.abc import Sequence
 
 import torch
@@ -13,8 +16,10 @@ import torch
 from ..errors import ConfigError, RequestError
 from ..models.checkpoint import load_model, resolve_model_path
 from ..text import load_tokenizer
-from .generator import BatchGenerator, OnToken, Request
-from .outputs import RequestOutput
+from .config import EngineConfig
+from .generator import OnToken
+from .llm_engine import LLMEngine
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
 
@@ -37,11 +42,12 @@ class LLM:
     model: a checkpoint folder or a Hugging Face hub id. dtype None picks the checkpoint's dtype on CUDA and
     float32 on CPU. attention: "auto" (sparse from sparse_config.dense_len on), "dense" or "sparse".
     sparse_config: "config" keeps the checkpoint's, None forces dense, a SparseConfig or dict replaces it.
-    max_model_len caps prompt + max_tokens (default: max_position_embeddings).
+    max_model_len caps prompt + max_tokens (default: max_position_embeddings). Further keywords are EngineConfig
+    fields (max_num_batched_tokens, num_pages / kv_cache_tokens / gpu_memory_utilization, cuda_graphs, ...).
     """
 
     def __init__(self, model, device=None, dtype=None, attention: str = "auto", sparse_config="config",
-                 max_model_len: int | None = None, *, tokenizer=None, max_num_seqs: int = 32):
+                 max_model_len: int | None = None, *, tokenizer=None, max_num_seqs: int = 32, **engine_kw):
         path = resolve_model_path(model)
         self.device = resolve_device(device)
         self.model = load_model(path, self.device, dtype, sparse_config=sparse_config)
@@ -50,8 +56,9 @@ class LLM:
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 0 < max_model_len <= limit:
             raise ConfigError(f"max_model_len must be in [1, {limit}] (max_position_embeddings), got {max_model_len}")
-        self.engine = BatchGenerator(self.model, self.tokenizer, attention=attention,
-                                     max_model_len=max_model_len or limit, max_num_seqs=max_num_seqs)
+        cfg = EngineConfig(max_model_len=max_model_len or limit, max_num_seqs=max(1, max_num_seqs), attention=attention,
+                           **engine_kw)
+        self.engine = LLMEngine(self.model, self.tokenizer, cfg)
 
     @property
     def max_model_len(self) -> int:
@@ -102,18 +109,49 @@ class LLM:
             if len(params) != len(encoded) or not all(isinstance(p, SamplingParams) for p in params):
                 raise RequestError(f"sampling_params must be one SamplingParams or one per prompt "
                                    f"({len(encoded)}), got {len(params)} items")
-        requests = [Request(text, ids, p) for (text, ids), p in zip(encoded, params)]
-        for n, req in enumerate(requests):
-            self.engine.check(req, f"prompt {n}")
+        for n, ((_, ids), p) in enumerate(zip(encoded, params)):
+            self.engine.check(ids, p, f"prompt {n}")
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(requests), desc="generating", unit="req")
+            bar = tqdm(total=len(encoded), desc="generating", unit="req")
         try:
-            return self.engine.run(requests, on_token=on_token, progress=bar)
+            return self._drive(encoded, params, on_token, bar)
         finally:
             if bar is not None:
                 bar.close()
+
+    def _drive(self, encoded, params, on_token, bar) -> list[RequestOutput]:
+        """Submit every prompt (the scheduler admits them as sequences and pages allow) and step until done."""
+        eng = self.engine
+        t0 = time.perf_counter()
+        rids = [f"llm-{next(_batch_ids)}-{n}" for n in range(len(encoded))]
+        index = {rid: n for n, rid in enumerate(rids)}
+        seqs = [eng.add_request(rid, ids, p, prompt=text) for rid, (text, ids), p in zip(rids, encoded, params)]
+        try:
+            while eng.has_unfinished():
+                for d in eng.step():
+                    if on_token is not None:
+                        on_token(index[d.request_id], d.text, d.token_ids[0])
+                    if d.finished and bar is not None:
+                        bar.update(1)
+        finally:
+            for rid in rids:  # interrupted (an exception in on_token, Ctrl-C): leave the engine clean
+                eng.abort(rid)
+        end = time.perf_counter()
+        outs = []
+        for n, seq in enumerate(seqs):
+            first = seq.first_token_time or end
+            metrics = RequestMetrics(prefill_s=first - t0, decode_s=end - first, batch_size=len(seqs),
+                                     decode_steps=max(len(seq.output_ids) - 1, 0))
+            d = seq.detok
+            done = CompletionOutput(0, d.text, seq.output_ids, d.finish_reason, d.stop_reason)
+            outs.append(RequestOutput(request_id=n, prompt=seq.prompt, outputs=[done], metrics=metrics,
+                                      prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens]))
+        return outs
+
+
+_batch_ids = itertools.count()
 
 
 def _as_ids(p) -> list[int] | None:

@@ -41,6 +41,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if getattr(cache, "paged", False):  # a paged cache (kvcache/paged.py) stores and attends over its own layout
+            return self.o_proj(cache.attend(q, k, v, meta, self.sparse).reshape(B, T, -1))
         if cache is not None:
             cache.write(k, v, meta)
             if self.sparse is not None:

@@ -1,0 +1,152 @@
+"""Turn suite records into the dense-vs-sparse table and the results JSON that docs/quality.md and reviews read.
+
+The JSON keeps every record (with its per-example details) next to the metadata needed to rerun it exactly:
+model, config, sparse_config, seeds, lengths and versions. The table is Markdown, so it pastes into the docs.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from .scoring import RULES
+from .suite import EvalError
+
+SCHEMA = "longcpm.eval/1"
+LONG = 16384  # the issue's target is stated over lengths >= 16K
+REQUIRED = ("model", "task", "length", "attention", "accuracy", "samples")
+
+
+def length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _ordered(records, key) -> list:
+    return list(dict.fromkeys(r[key] for r in records))
+
+
+def timing(records: list[dict]) -> list[dict]:
+    """Per (length, attention): median prefill ms over every example of every task, and the mode that ran."""
+    out = []
+    for length in _ordered(records, "length"):
+        for mode in _ordered(records, "attention"):
+            details = [d for r in records if r["length"] == length and r["attention"] == mode
+                       for d in r.get("details") or []]
+            if not details:
+                continue
+            used = sorted({d["attention_used"] for d in details})
+            decode = [d["decode_ms_per_token"] for d in details if d.get("decode_ms_per_token") is not None]
+            out.append({"length": length, "attention": mode, "attention_used": used[0] if len(used) == 1 else "mixed",
+                        "samples": len(details),
+                        "prompt_tokens": round(statistics.mean(d["prompt_tokens"] for d in details), 1),
+                        "prefill_ms": round(statistics.median(d["prefill_ms"] for d in details), 3),
+                        "decode_ms_per_token": round(statistics.median(decode), 3) if decode else None})
+    return out
+
+
+def summary(records: list[dict], min_length: int = LONG) -> dict:
+    """Mean accuracy per mode over (task, length >= min_length) cells that ran in both dense and sparse, and
+    sparse / dense: the issue's target is ratio >= 0.99 with dense >= 0.80."""
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        if r["length"] >= min_length and r["accuracy"] is not None:
+            cells.setdefault((r["task"], r["length"]), {})[r["attention"]] = r["accuracy"]
+    both = [c for c in cells.values() if "dense" in c and "sparse" in c]
+    out = {"min_length": min_length, "cells": len(both), "dense": None, "sparse": None, "ratio": None}
+    if both:
+        out["dense"] = statistics.mean(c["dense"] for c in both)
+        out["sparse"] = statistics.mean(c["sparse"] for c in both)
+        out["ratio"] = out["sparse"] / out["dense"] if out["dense"] > 0 else None
+    return out
+
+
+def _pct(x) -> str:
+    return "skip" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(records: list[dict], metadata: dict | None = None) -> str:
+    """Tasks x lengths, attention modes side by side, then the task average, prefill time and what ran."""
+    if not records:
+        return "(no results)"
+    lengths, modes, tasks = (_ordered(records, k) for k in ("length", "attention", "task"))
+    cell = {(r["task"], r["length"], r["attention"]): r for r in records}
+    cols = [(n, m) for n in lengths for m in modes]
+    head = ["task"] + [f"{length_label(n)} {m}" for n, m in cols]
+    rows = []
+    for t in tasks:
+        rows.append([t] + [_pct(cell[(t, n, m)]["accuracy"]) if (t, n, m) in cell else "-" for n, m in cols])
+    avg = []
+    for n, m in cols:
+        accs = [cell[(t, n, m)]["accuracy"] for t in tasks if (t, n, m) in cell]
+        accs = [a for a in accs if a is not None]
+        avg.append(_pct(statistics.mean(accs)) if accs else "skip")
+    rows.append(["average"] + avg)
+    tim = {(x["length"], x["attention"]): x for x in timing(records)}
+    rows.append(["prefill ms (median)"] + [f"{tim[c]['prefill_ms']:.1f}" if c in tim else "-" for c in cols])
+    rows.append(["attention used"] + [tim[c]["attention_used"] if c in tim else "-" for c in cols])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+    def line(cells):
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "| " + " | ".join(padded) + " |"
+
+    out = []
+    if metadata:
+        seeds = metadata.get("seeds") or []
+        span = f"{seeds[0]}..{seeds[-1]}" if seeds else "?"
+        out.append(f"model: {metadata.get('model')} | seeds: {len(seeds)} ({span}) | device {metadata.get('device')} "
+                   f"| dtype {metadata.get('dtype')}")
+    out.append("exact-match accuracy (%) per task and length; prefill ms is the whole-model prefill of one example")
+    out += [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    s = summary(records)
+    if s["cells"]:
+        ratio = "n/a (dense 0)" if s["ratio"] is None else f"{s['ratio']:.3f}"
+        out.append(f"lengths >= {length_label(LONG)} ({s['cells']} task-length cells): dense {_pct(s['dense'])}%, "
+                   f"sparse {_pct(s['sparse'])}%, sparse/dense {ratio} (target >= 0.99 with dense >= 80%)")
+    else:
+        out.append(f"lengths >= {length_label(LONG)}: no task-length cell ran in both dense and sparse")
+    reasons = _ordered([r for r in records if r.get("skipped")], "skipped")
+    out += [f"skipped: {why}" for why in reasons]
+    return "\n".join(out)
+
+
+def metadata(model, info: dict, *, tasks, lengths, seeds, attention_modes, max_new_tokens) -> dict:
+    """Everything needed to rerun a results file: the model and its exact config (info: suite.Loader.info),
+    the suite's arguments, the scoring rules and the versions."""
+    import torch
+
+    import longcpm
+
+    return {"model": str(model), **info, "tasks": list(tasks), "lengths": list(lengths), "seeds": list(seeds),
+            "attention_modes": list(attention_modes), "max_new_tokens": max_new_tokens,
+            "scoring": dict(RULES), "decoding": "greedy, one example per batch, prefix caching off",
+            "versions": {"longcpm": longcpm.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_json(path, records: list[dict], meta: dict) -> Path:
+    """{"schema", "metadata", "records", "timing", "summary"}; written whole, then renamed into place."""
+    path = Path(path)
+    doc = {"schema": SCHEMA, "metadata": meta, "records": records, "timing": timing(records),
+           "summary": summary(records)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_json(path) -> dict:
+    """A results file, checked to hold records in the reviewed format."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"cannot read results file {path}: {e}") from None
+    recs = doc.get("records") if isinstance(doc, dict) else None
+    if not isinstance(recs, list) or not all(isinstance(r, dict) and all(k in r for k in REQUIRED) for r in recs):
+        raise EvalError(f"{path}: not a longcpm eval results file (needs records with {', '.join(REQUIRED)})")
+    return doc

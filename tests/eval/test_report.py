@@ -1,0 +1,89 @@
+"""The table and the results JSON: what docs/quality.md and reviews read."""
+
+import json
+
+import pytest
+
+from longcpm.eval import EvalError, format_table, load_json, summary, timing, write_json
+from longcpm.eval.report import REQUIRED, SCHEMA, length_label, metadata
+
+
+def rec(task, length, mode, acc, prefill=10.0, used=None, skipped=None):
+    r = {"model": "m", "task": task, "length": length, "attention": mode, "accuracy": acc,
+         "samples": 0 if skipped else 4}
+    if skipped:
+        return {**r, "skipped": skipped}
+    details = [{"seed": 10**6 + i, "prompt_tokens": length - 10, "correct": i < acc * 4, "partial": acc,
+                "reply": "x", "attention_used": used or mode, "prefill_ms": prefill + i,
+                "decode_ms_per_token": 1.0} for i in range(4)]
+    return {**r, "attention_used": used or mode, "details": details}
+
+
+RECORDS = [rec(t, n, m, a) for t, n, m, a in [
+    ("passkey", 4096, "dense", 1.0), ("passkey", 4096, "sparse", 1.0),
+    ("passkey", 16384, "dense", 1.0), ("passkey", 16384, "sparse", 0.75),
+    ("common_words", 4096, "dense", 0.5), ("common_words", 4096, "sparse", 0.5),
+    ("common_words", 16384, "dense", 0.5), ("common_words", 16384, "sparse", 0.5),
+]] + [rec("passkey", 65536, m, None, skipped="length 65536 exceeds the model's max_model_len 32768")
+      for m in ("dense", "sparse")]
+
+
+def test_length_labels():
+    assert [length_label(n) for n in (4096, 32768, 1000)] == ["4K", "32K", "1000"]
+
+
+def test_table_layout():
+    text = format_table(RECORDS, {"model": "m", "seeds": [10**6, 10**6 + 1], "device": "cpu", "dtype": "float32"})
+    lines = text.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| task"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols == ["task", "4K dense", "4K sparse", "16K dense", "16K sparse", "64K dense", "64K sparse"]
+    row = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+           for ln in lines if ln.startswith("| ") and not ln.startswith("| task")}
+    assert row["passkey"] == ["100.0", "100.0", "100.0", "75.0", "skip", "skip"]
+    assert row["average"] == ["75.0", "75.0", "75.0", "62.5", "skip", "skip"]
+    assert row["prefill ms (median)"][:4] == ["11.5"] * 4 and row["attention used"][1] == "sparse"
+    assert "sparse/dense 0.833" in text and "dense 75.0%" in text and "sparse 62.5%" in text
+    assert "skipped: length 65536 exceeds" in text and "model: m | seeds: 2 (1000000..1000001)" in text
+    widths = {len(ln) for ln in lines if ln.startswith("|")}
+    assert len(widths) == 1  # aligned
+
+
+def test_summary_only_counts_cells_with_both_modes():
+    s = summary(RECORDS + [rec("vt", 32768, "dense", 0.0)])
+    assert s["cells"] == 2 and s["dense"] == 0.75 and s["sparse"] == 0.625
+    assert s["ratio"] == pytest.approx(0.625 / 0.75)
+    assert summary(RECORDS[:2])["ratio"] is None and "no task-length cell" in format_table(RECORDS[:2])
+    assert format_table([]) == "(no results)"
+
+
+def test_timing_per_length_and_mode():
+    t = timing(RECORDS)
+    assert [(x["length"], x["attention"]) for x in t] == [(4096, "dense"), (4096, "sparse"), (16384, "dense"),
+                                                          (16384, "sparse")]
+    assert t[0]["samples"] == 8 and t[0]["prefill_ms"] == 11.5 and t[0]["prompt_tokens"] == 4086
+    mixed = timing([rec("passkey", 8192, "auto", 1.0, used="dense"), rec("vt", 8192, "auto", 1.0, used="sparse")])
+    assert mixed[0]["attention_used"] == "mixed"
+
+
+def test_json_roundtrip(tmp_path):
+    meta = metadata("m", {"config": {"hidden_size": 8}, "sparse_config": None, "device": "cpu"}, tasks=["passkey"],
+                    lengths=[4096], seeds=[10**6], attention_modes=["dense", "sparse"], max_new_tokens=None)
+    assert {"versions", "seeds", "scoring", "config", "sparse_config", "model"} <= set(meta)
+    path = write_json(tmp_path / "sub" / "r.json", RECORDS, meta)
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == SCHEMA and doc["records"] == RECORDS and doc["metadata"]["seeds"] == [10**6]
+    assert doc["timing"] == timing(RECORDS) and doc["summary"]["cells"] == 2
+    assert all(set(REQUIRED) <= set(r) for r in doc["records"])
+    assert load_json(path) == doc
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"records": [{"task": "passkey"}]}'])
+def test_load_json_refuses_other_files(tmp_path, content):
+    p = tmp_path / "x.json"
+    p.write_text(content)
+    with pytest.raises(EvalError):
+        load_json(p)
+    with pytest.raises(EvalError, match="cannot read"):
+        load_json(tmp_path / "missing.json")
