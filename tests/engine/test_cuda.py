@@ -41,16 +41,18 @@ def test_triton_paged_decode_bf16():
     from longcpm.ops.paged.decode import triton_paged_decode
     from longcpm.ops.paged.naive import naive_paged_decode
 
-    P, PS, H, G, D = 64, 64, 2, 16, 128
+    P, PS, H, G, D = 128, 64, 2, 16, 128
     kp = torch.randn(P, PS, H, D, device="cuda", dtype=torch.bfloat16)
     vp = torch.randn_like(kp)
     lens = [1, 100, 4096 - 7, 640]
+    # disjoint pages (page 0 is scratch) and every row's table covers its whole length
     perm = (torch.randperm(P - 1) + 1).tolist()
     rows = []
     for L in lens:
         n = -(-L // PS)
+        assert len(perm) >= n
         rows.append(perm[:n])
-        perm = perm[n:] if len(perm) > n else (torch.randperm(P - 1) + 1).tolist()
+        perm = perm[n:]
     NP = max(len(r) for r in rows)
     bt = torch.tensor([r + [0] * (NP - len(r)) for r in rows], dtype=torch.int32, device="cuda")
     q = torch.randn(len(lens), H * G, D, device="cuda", dtype=torch.bfloat16)
