@@ -27,17 +27,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, try_bench, write_json  # noqa: E402
+from common import BS, CFG, HQ, D, G, H, environment, try_bench, write_json  # noqa: E402
 
-from longcpm.config import SparseConfig  # noqa: E402
 from longcpm.ops import infllmv2_attention, infllmv2_decode, infllmv2_select  # noqa: E402
 from longcpm.ops.infllmv2.compress import compress_keys  # noqa: E402
 from longcpm.ops.infllmv2.parallel import parallel_block_sparse_attention  # noqa: E402
-
-HQ, H, D = 32, 2, 128
-G = HQ // H
-CFG = SparseConfig()  # the published MiniCPM4.1 dict: 32/16, 64, init 1, window 2048, topk 64, dense_len 8192
-BS = CFG.block_size
 
 
 def attended_pairs(idx: torch.Tensor, Tk: int) -> float:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
+from longcpm.config import SparseConfig  # the scripts put src/ on sys.path before importing this module
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# attention benchmarks: MiniCPM4-8B shapes and the published sparse config
+HQ, H, D = 32, 2, 128
+G = HQ // H
+CFG = SparseConfig()  # the published MiniCPM4.1 dict: 32/16, 64, init 1, window 2048, topk 64, dense_len 8192
+BS = CFG.block_size
 
 
 def environment() -> dict:

@@ -25,7 +25,6 @@ import json
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from longcpm.assets import asset_dir  # noqa: E402
 from longcpm.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from longcpm.engine.cuda_graph import DecodeGraphs  # noqa: E402
 from longcpm.models.checkpoint import build_model  # noqa: E402
-from longcpm.models.random import resolve_config  # noqa: E402
+from longcpm.models.random import default_dtype, resolve_config  # noqa: E402
 from longcpm.text import load_tokenizer  # noqa: E402
 
 SPARSE = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
@@ -48,16 +47,6 @@ SHAPES = {"8b": "minicpm4-8b", "0.5b": "minicpm4-0.5b"}
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-@contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def random_model(name: str, max_len: int, dev: str, dtype, tiny: bool = False):

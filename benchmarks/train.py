@@ -36,16 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention import flex_block_mask, make_queries, selection_bool  # noqa: E402
-from common import environment, write_json  # noqa: E402
+from common import BS, CFG, HQ, D, G, H, environment, write_json  # noqa: E402
 
 from longcpm.config import SparseConfig  # noqa: E402
 from longcpm.ops import infllmv2_attention, infllmv2_select  # noqa: E402
 from longcpm.ops.infllmv2.autograd import sparse_attention_with_grad  # noqa: E402
 
-HQ, H, D = 32, 2, 128
-G = HQ // H
-CFG = SparseConfig()  # the published MiniCPM4.1 dict: 32/16, 64, init 1, window 2048, topk 64, dense_len 8192
-BS = CFG.block_size
 T0 = time.time()
 
 

@@ -9,7 +9,7 @@ the slow interpreter to the kernels under test; `gpu` tests use real shapes and 
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
@@ -21,28 +21,11 @@ from longcpm.ops.infllmv2.autograd import sparse_attention_with_grad  # noqa: E4
 from longcpm.ops.infllmv2.backward import parallel_block_sparse_attention_bwd  # noqa: E402
 from longcpm.ops.infllmv2.naive import naive_block_sparse_attention  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+from . import helpers  # noqa: E402
+from .helpers import DEV, check_close, gpu, masked_logits, token_mask  # noqa: E402
 
-
-def rand_block_idx(lq: int, lk: int, H: int, W: int, bs: int, *, local: int = 1, drop: float = 0.3) -> torch.Tensor:
-    """Random valid lists int32 [lq, H, W] for the last lq of lk tokens: block 0 and the current block with
-    `local` blocks before it always, other past blocks at random; ascending, distinct, -1 padded."""
-    pos = torch.arange(lk - lq, lk, device=DEV)
-    qb = (pos // bs)[:, None, None]
-    n_blk = -(-lk // bs)
-    kk = torch.arange(n_blk, device=DEV)[None, None, :]
-    forced = (kk == 0) | ((kk >= qb - local) & (kk <= qb))
-    s = torch.rand(lq, H, n_blk, device=DEV)
-    s = s.masked_fill(torch.rand(lq, H, n_blk, device=DEV) < drop, float("-inf")).masked_fill(forced, 2.0)
-    s = s.masked_fill(kk > qb, float("-inf"))
-    kw = min(W, n_blk)
-    vals, idx = s.topk(kw, dim=-1)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.where(torch.isneginf(vals), big, idx).sort(-1).values
-    idx = torch.where(idx == big, -1, idx).to(torch.int32)
-    return torch.cat([idx, idx.new_full((lq, H, W - kw), -1)], -1) if kw < W else idx
+# block 0 and the current block with `local` blocks before it always, other past blocks at random
+rand_block_idx = functools.partial(helpers.rand_block_idx, local=1, drop=0.3)
 
 
 def torch_attention(q, k, v, idx, bs, wb, dtype, with_lse=False):
@@ -50,18 +33,7 @@ def torch_attention(q, k, v, idx, bs, wb, dtype, with_lse=False):
     reference's math at a chosen precision. q [Tq, HQ, D], k/v [Tk, H, D] -> [Tq, HQ, D] (and the LSE [Tq, HQ]
     with_lse)."""
     Tq, HQ, D = q.shape
-    Tk, H = k.shape[:2]
-    pos = torch.arange(Tk - Tq, Tk, device=q.device)
-    n_blk = -(-Tk // bs)
-    sel = torch.zeros(Tq, H, n_blk + 1, dtype=torch.bool, device=q.device)
-    sel.scatter_(-1, torch.where(idx < 0, n_blk, idx).long(), True)
-    sel = sel[..., :n_blk]
-    if wb:
-        kb = torch.arange(n_blk, device=q.device)[None, :]
-        sel = sel | ((kb > (pos // bs)[:, None] - wb) & (kb <= (pos // bs)[:, None]))[:, None, :]
-    tok = sel.repeat_interleave(bs, -1)[..., :Tk] & (torch.arange(Tk, device=q.device) <= pos[:, None])[:, None]
-    s = torch.einsum("thgd,jhd->thgj", q.to(dtype).view(Tq, H, HQ // H, D), k.to(dtype)) / math.sqrt(D)
-    s = s.masked_fill(~tok[:, :, None], float("-inf"))
+    s = masked_logits(q, k, token_mask(Tq, k.shape[0], idx, bs, wb), dtype)
     o = torch.einsum("thgj,jhd->thgd", torch.softmax(s, -1).nan_to_num(0.0), v.to(dtype)).reshape(Tq, HQ, D)
     return (o, s.float().logsumexp(-1).reshape(Tq, HQ)) if with_lse else o
 
@@ -72,15 +44,6 @@ def grads(fn, q, k, v, do):
     out = fn(q, k, v)
     out.backward(do.to(out.dtype))
     return out.detach(), q.grad, k.grad, v.grad
-
-
-def check_close(out, exact, pt, what=""):
-    """|out - exact| <= 2 |pt - exact| + 2 * (rounding of exact to out's dtype) + 1e-6, no NaN."""
-    out, exact, pt = out.double(), exact.double(), pt.double()
-    assert not torch.isnan(out).any(), f"{what}: NaN"
-    rnd = (exact.to(out.dtype) - exact).abs().max().item() if out.dtype != torch.float64 else 0.0
-    err, err_pt = (out - exact).abs().max().item(), (pt - exact).abs().max().item()
-    assert err <= 2 * err_pt + 2 * rnd + 1e-6, f"{what}: kernel error {err:.3g} vs torch {err_pt:.3g}"
 
 
 def seq_slices(B, Tq, Tk, cu_q=None, cu_k=None):

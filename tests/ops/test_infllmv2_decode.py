@@ -6,8 +6,6 @@ sit at the end of each. GPU tests also capture the call in a CUDA graph and repl
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -16,58 +14,7 @@ pytest.importorskip("triton")
 from longcpm.ops.infllmv2.decode import decode_block_sparse_attention  # noqa: E402
 from longcpm.ops.infllmv2.naive import naive_block_sparse_attention  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-
-
-def rand_block_idx(lq: int, lk: int, H: int, W: int, bs: int, *, init: int = 1, local: int = 2, drop: float = 0.2,
-                   device=DEV) -> torch.Tensor:
-    """Valid random lists int32 [lq, H, W] (init, current and `local` previous blocks always; other past blocks at
-    random), ascending, distinct, -1 padded."""
-    pos = torch.arange(lk - lq, lk, device=device)
-    qb = (pos // bs)[:, None, None]
-    n_blk = -(-lk // bs)
-    kk = torch.arange(n_blk, device=device)[None, None, :]
-    forced = (kk < init) | ((kk >= qb - local) & (kk <= qb))
-    s = torch.rand(lq, H, n_blk, device=device)
-    s = s.masked_fill(torch.rand(lq, H, n_blk, device=device) < drop, float("-inf")).masked_fill(forced, 2.0)
-    s = s.masked_fill(kk > qb, float("-inf"))
-    kw = min(W, n_blk)
-    vals, idx = s.topk(kw, dim=-1)
-    big = torch.iinfo(torch.int32).max
-    idx = torch.where(torch.isneginf(vals), big, idx).sort(-1).values
-    idx = torch.where(idx == big, -1, idx).to(torch.int32)
-    if kw < W:
-        idx = torch.cat([idx, idx.new_full((lq, H, W - kw), -1)], -1)
-    return idx
-
-
-def torch_block_sparse(q, k, v, block_idx, bs, window_blocks, dtype):
-    """The naive reference's math in `dtype` (the kernel's precision, or float64)."""
-    Tq, HQ, D = q.shape
-    Tk, H = k.shape[:2]
-    pos = torch.arange(Tk - Tq, Tk, device=q.device)
-    n_blk = -(-Tk // bs)
-    sel = torch.zeros(Tq, H, n_blk + 1, dtype=torch.bool, device=q.device)
-    sel.scatter_(-1, torch.where(block_idx < 0, n_blk, block_idx).long(), True)
-    sel = sel[..., :n_blk]
-    if window_blocks:
-        kb = torch.arange(n_blk, device=q.device)[None, :]
-        sel = sel | ((kb > (pos // bs)[:, None] - window_blocks) & (kb <= (pos // bs)[:, None]))[:, None, :]
-    tok = sel.repeat_interleave(bs, -1)[..., :Tk] & (torch.arange(Tk, device=q.device) <= pos[:, None])[:, None]
-    s = torch.einsum("thgd,jhd->thgj", q.to(dtype).view(Tq, H, HQ // H, D), k.to(dtype)) / math.sqrt(D)
-    p = torch.softmax(s.masked_fill(~tok[:, :, None], float("-inf")), -1).nan_to_num(0.0)
-    return torch.einsum("thgj,jhd->thgd", p.to(dtype), v.to(dtype)).reshape(Tq, HQ, D)
-
-
-def check_close(out, exact, pt, what=""):
-    """|out - exact| <= 2 |pt - exact| + 2 * (rounding of exact to out's dtype) + 1e-6."""
-    out, exact, pt = out.double(), exact.double(), pt.double()
-    assert not torch.isnan(out).any(), f"{what}: NaN in output"
-    rnd = (exact.to(out.dtype) - exact).abs().max().item()
-    err, err_pt = (out - exact).abs().max().item(), (pt - exact).abs().max().item()
-    assert err <= 2 * err_pt + 2 * rnd + 1e-6, f"{what}: kernel error {err:.3g} vs torch {err_pt:.3g}"
+from .helpers import DEV, check_close, gpu, masked_logits, rand_block_idx, token_mask, torch_block_sparse  # noqa: E402
 
 
 def make_inputs(lens, Tq, Tmax, HQ, H, D, bs, W, dtype, local=2):
@@ -129,14 +76,8 @@ def test_decode_lse():
     q, kc, vc, seqlens, idx = make_inputs(lens, Tq, 100, HQ, H, D, bs, 4, torch.float32)
     o, lse = decode_block_sparse_attention(q, kc, vc, seqlens, idx, bs, return_lse=True, num_splits=3)
     for b, L in enumerate(lens):
-        pos = torch.arange(L - Tq, L, device=DEV)
-        n_blk = -(-L // bs)
-        sel = torch.zeros(Tq, H, n_blk + 1, dtype=torch.bool, device=DEV)
-        sel.scatter_(-1, torch.where(idx[b] < 0, n_blk, idx[b]).long(), True)
-        tok = sel[..., :n_blk].repeat_interleave(bs, -1)[..., :L]
-        tok = tok & (torch.arange(L, device=DEV) <= pos[:, None])[:, None]
-        s = torch.einsum("thgd,jhd->thgj", q[b].double().view(Tq, H, HQ // H, D), kc[b, :L].double()) / math.sqrt(D)
-        exact = s.masked_fill(~tok[:, :, None], float("-inf")).logsumexp(-1).reshape(Tq, HQ)
+        mask = token_mask(Tq, L, idx[b], bs)
+        exact = masked_logits(q[b], kc[b, :L], mask, torch.float64).logsumexp(-1).reshape(Tq, HQ)
         assert torch.allclose(lse[b].double(), exact, atol=1e-5, rtol=0)
 
 

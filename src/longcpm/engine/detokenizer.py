@@ -1,7 +1,8 @@
 """Detokenizer: one request's incremental text and stop conditions (eos / stop ids, stop strings, max_tokens).
 
 Text is released only when it can no longer become part of a stop string, so a stop string is never streamed
-before it is recognised; the released pieces concatenate to the final text. Same rules as BatchGenerator's rows.
+before it is recognised; the released pieces concatenate to the final text. Used by LLMEngine's sequences and
+BatchGenerator's rows.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import RequestError
 from ..ops.sampling import sample
-from ..text import StreamDecoder, Tokenizer
+from ..text import Tokenizer
+from .detokenizer import Detokenizer
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -34,49 +35,22 @@ class Request:
 
 @dataclass
 class _Row:
-    """Per-request decoding state inside one batch."""
+    """Per-request decoding state inside one batch; text and stop conditions are the Detokenizer's."""
 
     index: int
     request: Request
-    stop_ids: frozenset[int]
-    decoder: StreamDecoder
+    detok: Detokenizer
     rng: torch.Generator | None
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far, cut at a stop string once one is found
-    sent: int = 0  # characters of text already handed to on_token
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
     @property
     def active(self) -> bool:
-        return self.finish_reason is None
+        return not self.detok.finished
 
     def accept(self, token_id: int) -> str:
         """Record one sampled token; return the text it releases (all of the rest once the row finishes)."""
-        p = self.request.params
         self.token_ids.append(token_id)
-        if token_id in self.stop_ids:
-            self.finish_reason, self.stop_reason = "stop", token_id
-            piece = self.decoder.flush()
-        else:
-            piece = self.decoder.push(token_id)
-            if len(self.token_ids) >= p.max_tokens:
-                self.finish_reason = "length"
-                piece += self.decoder.flush()
-        old = len(self.text)
-        self.text += piece
-        longest = max((len(s) for s in p.stop), default=0)
-        if longest and piece:
-            start = max(0, old - longest + 1)
-            hits = [(pos, s) for s in p.stop if (pos := self.text.find(s, start)) >= 0]
-            if hits:
-                pos, s = min(hits)
-                self.text = self.text[:pos]
-                self.finish_reason, self.stop_reason = "stop", s
-        hold = 0 if not self.active else max(longest - 1, 0)
-        upto = max(self.sent, len(self.text) - hold)
-        delta, self.sent = self.text[self.sent: upto], upto
-        return delta
+        return self.detok.accept(token_id)
 
 
 class BatchGenerator:
@@ -117,14 +91,13 @@ class BatchGenerator:
 
     def _new_row(self, index: int, req: Request) -> _Row:
         p = req.params
-        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
         rng = None
         if not p.greedy:
             # unseeded requests still get their own stream, seeded from torch's global RNG (torch.manual_seed)
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
             rng = torch.Generator(device=self.model.device)
             rng.manual_seed(seed)
-        return _Row(index, req, stop_ids, StreamDecoder(self.tokenizer, p.skip_special_tokens), rng)
+        return _Row(index, req, Detokenizer(self.tokenizer, p, self.eos_ids), rng)
 
     def _run_batch(self, batch: list[Request], offset: int, on_token: OnToken | None, progress) -> list[RequestOutput]:
         model, dev = self.model, self.model.device
@@ -169,6 +142,7 @@ class BatchGenerator:
                                  decode_steps=steps)
         return [RequestOutput(request_id=row.index, prompt=row.request.prompt,
                               prompt_token_ids=list(row.request.prompt_token_ids),
-                              outputs=[CompletionOutput(0, row.text, row.token_ids, row.finish_reason, row.stop_reason)],
+                              outputs=[CompletionOutput(0, row.detok.text, row.token_ids, row.detok.finish_reason,
+                                                       row.detok.stop_reason)],
                               metrics=metrics)
                 for row in rows]

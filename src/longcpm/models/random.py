@@ -109,7 +109,7 @@ def resolve_config(config, overrides: dict | None = None) -> ModelConfig:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
     """Build parameters directly in the saved dtype, so an 8B bf16 checkpoint does not need fp32 memory."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -126,7 +126,7 @@ def create_random_checkpoint(out_dir, config="tiny", *, seed: int = 0, dtype: st
     dt = parse_dtype(dtype)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    with _default_dtype(dt):
+    with default_dtype(dt):
         model = build_model(cfg, "cpu")
     model.init_weights(seed)
     save_model(model, out, dtype=dt)

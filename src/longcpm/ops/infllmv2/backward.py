@@ -28,19 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .parallel import _seg_count, _seg_or
+
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_BT = 16  # tokens per dq tile: the per-block token bitmask is an int32
-
-
-@triton.jit
-def _run_len(blk_a, n_a, blk_b, n_b):
-    # on sorted keys, equal blocks form one run: count the elements of the run up to here
-    return blk_b, tl.where(blk_a == blk_b, n_a + n_b, n_b)
-
-
-@triton.jit
-def _run_or(blk_a, m_a, blk_b, m_b):
-    return blk_b, tl.where(blk_a == blk_b, m_a | m_b, m_b)
 
 
 @triton.jit
@@ -82,11 +73,11 @@ def tile_union_kernel(block_idx, u_idx, u_bits, u_cnt, cu_seqlens_q, cu_seqlens_
     m_k = b_key != SENT
     b_blk = b_key // BT
     b_bit = tl.where(m_k, tl.full([BT * C_PAD], 1, tl.int32) << (b_key % BT), 0)
-    _, b_len = tl.associative_scan((b_blk, tl.full([BT * C_PAD], 1, tl.int32)), 0, _run_len)
+    _, b_len = tl.associative_scan((b_blk, tl.full([BT * C_PAD], 1, tl.int32)), 0, _seg_count)
     m_first = (b_len == 1) & m_k
     # scanning the reversed array, each element's value is the OR over it and the rest of its run, so a run's
     # first element holds the whole run's mask
-    _, b_or = tl.associative_scan((tl.flip(b_blk, 0), tl.flip(b_bit, 0)), 0, _run_or)
+    _, b_or = tl.associative_scan((tl.flip(b_blk, 0), tl.flip(b_bit, 0)), 0, _seg_or)
     b_or = tl.flip(b_or, 0)
     b_slot = tl.cumsum(m_first.to(tl.int32), 0) - 1
     i_u = (i_t * H + i_h).to(tl.int64)
