@@ -94,15 +94,6 @@ def test_chat_repl(model_dir, capsys, monkeypatch):
     assert call(capsys, "chat", "--model", str(model_dir), "--max-new-tokens", "2")[0] == 0
 
 
-def test_demo_makes_then_reuses(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LONGCPM_CACHE", str(tmp_path))
-    code, out, err = call(capsys, "demo", "--device", "cpu", "--max-new-tokens", "4")
-    assert code == 0 and "made a tiny random-weight" in err and "tokens/s" in err
-    assert (tmp_path / "demo-random" / "model.safetensors").is_file()
-    code, out, err = call(capsys, "demo", "--device", "cpu", "--max-new-tokens", "4")
-    assert code == 0 and "reusing" in err
-
-
 def test_keyboard_interrupt_exits_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt

@@ -112,3 +112,64 @@ def test_collate_and_rank_slice(shards):
     assert [r.input_ids[0] for r in rank_slice(rows, 1, 2)] == [rows[2].input_ids[0], rows[3].input_ids[0]]
     with pytest.raises(ValueError):
         rank_slice(rows, 0, 3)
+
+
+def test_pad_packing_keeps_documents_whole(shards):
+    docs = _stream(ShardSource(shards, seed=2), 40)
+    p = Packer(DataMix([ShardSource(shards, seed=2)], seed=0), seq_len=64, pack="pad", pad_id=0)
+    seen = []
+    for _ in range(10):
+        row = p.next_row()
+        cu = row.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == 64
+        for a, b in zip(cu[:-1], cu[1:]):
+            seg = row.input_ids[a:b].tolist()
+            if row.labels[a:b - 1].tolist() == [IGNORE] * (b - a - 1) and set(seg) == {0}:
+                continue  # the padding segment: never a target
+            seen.append(seg)
+            assert row.labels[a:b - 1].tolist() == seg[1:] and row.labels[b - 1] == IGNORE
+    # every document of the stream appears whole and in order (all these documents fit in a row)
+    assert all(len(d) <= 64 for d in docs[: len(seen)])
+    assert seen == [d.tolist() for d in docs[: len(seen)]]
+
+
+def test_pad_packing_splits_only_overlong_documents(shards):
+    docs = _stream(ShardSource(shards, seed=3), 6)
+    p = Packer(DataMix([ShardSource(shards, seed=3)], seed=0), seq_len=8, pack="pad")
+    row = p.next_row()  # every document is longer than 8 tokens: rows are its consecutive pieces
+    assert row.input_ids.tolist() == docs[0][:8].tolist()
+    assert row.labels[-1] == docs[0][8]
+
+
+def test_answer_only_labels(tokenizer):
+    src = SyntheticSource(tokenizer, tasks=["passkey", "niah_multikey"], min_len=150, max_len=300, seed=3,
+                          loss="answer")
+    p = Packer(DataMix([src], seed=0), seq_len=300, pack="pad")
+    for _ in range(4):
+        row = p.next_row()
+        lab = row.labels
+        (idx,) = np.nonzero(lab != IGNORE)
+        assert len(idx) > 0
+        # the targets are the answer (digits and a full stop) plus EOS, nothing from the prompt
+        assert lab[idx[-1]] == tokenizer.eos_token_id
+        targets = tokenizer.decode(lab[idx[:-1]].tolist())
+        assert targets.replace(".", "").strip().isdigit(), targets
+    full = SyntheticSource(tokenizer, tasks=["passkey", "niah_multikey"], min_len=150, max_len=300, seed=3)
+    ids, start = src.make(0)
+    assert ids.tolist() == full.make(0).tolist() and 0 < start < len(ids)
+
+
+def test_synthetic_workers_give_the_same_documents(tokenizer):
+    kw = dict(tasks=["passkey", "common_words"], min_len=100, max_len=400, seed=5, loss="answer")
+    plain = SyntheticSource(tokenizer, **kw)
+    pooled = SyntheticSource(tokenizer, workers=2, **kw)
+    for k in list(range(0, 20)) + [40, 41]:
+        a, b = plain.doc(k), pooled.doc(k)
+        assert a[0].tolist() == b[0].tolist() and a[1] == b[1]
+
+
+def test_bad_loss_and_pack_values(tokenizer, shards):
+    with pytest.raises(ValueError, match="loss"):
+        SyntheticSource(tokenizer, loss="prompt")
+    with pytest.raises(ValueError, match="pack"):
+        Packer(DataMix([ShardSource(shards)]), seq_len=16, pack="fill")

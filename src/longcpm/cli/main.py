@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+# `longcpm demo` document lengths: both modes in ~20 s on a 2-core CPU (16384: 30-40 s, sparse ~3x faster); the GPU
+# default is the longest length needle-11m was trained at
+DEMO_LENGTH_CPU = 8192
+DEMO_LENGTH_GPU = 8192  # needle-11m's sparse mode is reliable only at short lengths yet (docs/quality.md)
+
 
 def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
-        p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+        p.add_argument("--model", required=True, help="checkpoint folder, Hugging Face hub id, or built-in model "
+                                                      "name, e.g. needle-11m (`longcpm info` lists them)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype on CUDA, float32 on CPU), float32, "
                                                    "bfloat16, float16")
@@ -67,14 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
     n.set_defaults(func=cmd_new_model)
 
-    i = sub.add_parser("info", help="parameters, memory, KV cache size and config of a checkpoint")
-    i.add_argument("model", help="checkpoint folder or hub id")
+    i = sub.add_parser("info", help="parameters, memory, KV cache size and config of a checkpoint; without one, "
+                                    "the built-in models")
+    i.add_argument("model", nargs="?", help="checkpoint folder, hub id or built-in model name")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="generate from a small built-in model (for now: random weights)")
-    d.add_argument("--device", default="auto")
-    d.add_argument("--prompt", default="The capital of France is")
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d = sub.add_parser("demo", help="find a pass key hidden in a long document with the built-in needle-11m "
+                                    "model, with sparse and with dense attention",
+                       description="Builds a long document with a hidden pass key (a held-out example of the "
+                                   "synthetic passkey task), asks the model for it greedily with each attention "
+                                   "mode, and prints the answers and the times (prefill + generation).")
+    d.add_argument("--model", default="needle-11m", help="built-in name, checkpoint folder or hub id "
+                                                         "(default needle-11m)")
+    d.add_argument("--length", type=int, help=f"document length in tokens (default {DEMO_LENGTH_CPU} on CPU, "
+                                               f"{DEMO_LENGTH_GPU} on CUDA)")
+    d.add_argument("--attention", choices=("both", "dense", "sparse"), default="both")
+    d.add_argument("--seed", type=int, help="example seed, from the held-out eval range (default: its first)")
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    d.add_argument("--dtype", default="auto", help="auto (checkpoint dtype on CUDA, float32 on CPU), float32, "
+                                                   "bfloat16, float16")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train or continue a model from a RUN.toml (see docs/training.md)")
@@ -206,7 +222,12 @@ def _size(n: float) -> str:
 
 def cmd_info(args) -> int:
     from ..config import ModelConfig
+    from ..models.builtin import BUILTIN_MODELS, builtin_path, describe_builtins
     from ..models.checkpoint import resolve_model_path
+    if args.model is None:
+        print("built-in models (use the name wherever a model folder is accepted; `longcpm info NAME` for details):")
+        print("\n".join("  " + line for line in describe_builtins()))
+        return 0
     folder = resolve_model_path(args.model)
     c = ModelConfig.from_file(folder / "config.json")
     n = c.num_parameters()
@@ -214,8 +235,9 @@ def cmd_info(args) -> int:
     rope = rs.rope_type if rs.rope_type != "longrope" else (
         f"longrope (original_max_position_embeddings {rs.original_max_position_embeddings}, "
         f"{len(rs.long_factor)} factors, long {'==' if rs.long_factor == rs.short_factor else '!='} short)")
+    builtin = args.model in BUILTIN_MODELS and builtin_path(args.model) == folder
     lines = [
-        f"model: {folder}",
+        f"model: {folder}" + (f" (built-in {args.model}: {BUILTIN_MODELS[args.model].description})" if builtin else ""),
         f"architecture: {', '.join(c.extra.get('architectures') or ['?'])} (model_type {c.model_type})",
         f"parameters: {n:,} ({n / 1e9:.3f} B){'' if c.tie_word_embeddings else ', untied lm_head'}",
         f"shape: {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads {c.num_attention_heads} / kv "
@@ -239,28 +261,82 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Placeholder demo until a trained built-in model exists: a cached tiny random checkpoint, streamed."""
-    from ..engine import LLM, SamplingParams
-    from ..models.random import create_random_checkpoint
-    folder = Path(os.environ.get("LONGCPM_CACHE") or "~/.cache/longcpm").expanduser() / "demo-random"
-    if not (folder / "model.safetensors").is_file():
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        create_random_checkpoint(tmp, "tiny", seed=0, dtype="float32")
-        if folder.exists():  # a leftover without weights
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)  # atomic: a half-written checkpoint is never reused
-        print(f"made a tiny random-weight MiniCPM4 checkpoint (real tokenizer) in {folder}", file=sys.stderr)
-    else:
-        print(f"reusing the random-weight checkpoint in {folder}", file=sys.stderr)
-    t0 = time.perf_counter()
-    llm = LLM(folder, device=args.device)
-    print(f"loaded in {time.perf_counter() - t0:.2f} s on {llm.device}; the weights are random, so expect "
-          f"gibberish\n{args.prompt}", file=sys.stderr, end="")
-    out = llm.generate(args.prompt, SamplingParams(temperature=0.8, top_p=0.8, max_tokens=args.max_new_tokens,
-                                                   seed=0, ignore_eos=True), on_token=_write)[0]
-    sys.stdout.write("\n")
-    print(_stats(out), file=sys.stderr)
+    """Needle in a haystack: one held-out passkey example, answered greedily once per attention mode."""
+    from ..config import ModelConfig, SparseConfig
+    from ..engine.llm import resolve_device
+    from ..errors import ConfigError
+    from ..eval.scoring import answer_span, score
+    from ..models.checkpoint import resolve_model_path
+    from ..text import load_tokenizer
+    from ..train.synthetic import EVAL_SEED_START, generate
+
+    seed = EVAL_SEED_START if args.seed is None else args.seed
+    if seed < EVAL_SEED_START:
+        raise ConfigError(f"--seed: demo seeds come from the held-out range >= {EVAL_SEED_START} (lower seeds may "
+                          f"have been trained on), got {seed}")
+    device = resolve_device(args.device)
+    length = args.length or (DEMO_LENGTH_GPU if device.type == "cuda" else DEMO_LENGTH_CPU)
+    folder = resolve_model_path(args.model)
+    config = ModelConfig.from_file(folder / "config.json")
+    if length > config.max_position_embeddings:
+        raise ConfigError(f"--length {length} exceeds the model's max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    tok = load_tokenizer(folder)
+    ex = generate("passkey", length, seed, tok)
+    ids = tok.encode(ex.prompt)
+    # the answer's tokens + a little room; the generator left room for the answer + EOS within the length
+    max_tokens = min(len(tok.encode(ex.answer, add_special_tokens=False)) + 4,
+                     config.max_position_embeddings - len(ids))
+    modes = ("dense", "sparse") if args.attention == "both" else (args.attention,)
+    sc = config.sparse_config or SparseConfig()  # sparse on a checkpoint without a sparse_config: the default
+    key = ex.answers[0]
+    depth = ex.prompt.find(key) / len(ex.prompt)
+    print(f"{args.model} ({config.num_parameters() / 1e6:.1f}M params, InfLLM-V2 topk {sc.topk} x {sc.block_size}"
+          f" + window {sc.window_size}), passkey at {len(ids):,} tokens, {device}")
+    print(f"hidden pass key: {key} (at {depth:.0%} of the document)")
+    times: dict[str, float] = {}
+    for mode in modes:
+        answer, t = _demo_run(folder, mode, sc, ids, max_tokens, device, args.dtype)
+        times[mode] = t
+        ok = score("passkey", answer, ex.answers)[0]
+        shown = " ".join((answer_span(answer) or answer).split())
+        shown = (shown[:24] + "...") if len(shown) > 27 else shown or "(nothing)"
+        speed = ""
+        if mode == "sparse" and "dense" in times:
+            r = times["dense"] / t
+            speed = f"  ({r:.1f}x faster than dense)" if r >= 1 else f"  ({1 / r:.1f}x slower than dense)"
+        print(f"{mode:<7} answer: {shown:<8} {'correct' if ok else 'WRONG  '}  {t:.1f} s{speed}", flush=True)
     return 0
+
+
+def _demo_run(folder, mode, sparse, ids, max_tokens, device, dtype) -> tuple[str, float]:
+    """(reply, seconds for prefill + generation) of one prompt with one attention mode, after an untimed warm-up:
+    on CUDA the whole prompt (Triton kernels compile per shape), on CPU a short prefix (allocator growth only).
+    The engine is freed before returning."""
+    import gc
+
+    import torch
+
+    from ..engine import LLM, SamplingParams
+    n = len(ids) + max_tokens
+    # sparse prefills the prompt in one step: a continued chunk runs the reference sparse path on CPU (slow, and
+    # gigabytes at 16K); dense keeps the engine's chunking, which is the faster of the two for it on CPU
+    chunk = {"max_num_batched_tokens": n} if mode == "sparse" else {}
+    llm = LLM(folder, device=device, dtype=None if dtype == "auto" else dtype, attention=mode,
+              sparse_config=sparse if mode == "sparse" else "config", max_model_len=n, kv_cache_tokens=n,
+              enable_prefix_caching=False, cuda_graphs=False, **chunk)
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=max_tokens)
+        warm = ids if llm.device.type == "cuda" else ids[:1024]
+        llm.generate(warm, SamplingParams(temperature=0, max_tokens=2))
+        t0 = time.perf_counter()
+        out = llm.generate(ids, greedy)[0]
+        return out.outputs[0].text, time.perf_counter() - t0
+    finally:
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

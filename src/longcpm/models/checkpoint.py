@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig, SparseConfig
 from ..errors import CheckpointError
+from .builtin import builtin_names, builtin_path
 from .minicpm4 import MiniCPM4ForCausalLM
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,15 +43,20 @@ def parse_dtype(dtype, device: torch.device | None = None, config: ModelConfig |
 
 
 def resolve_model_path(name: str | os.PathLike) -> Path:
-    """A local folder, or a Hugging Face hub id resolved through huggingface_hub (its cache, HF_HUB_OFFLINE)."""
+    """A local folder, a built-in model name (models/builtin.py; a local folder of the same name wins), or a
+    Hugging Face hub id resolved through huggingface_hub (its cache, HF_HUB_OFFLINE)."""
     p = Path(name).expanduser()
     if p.is_dir():
         return p
     s = str(name)
     if p.exists():
         raise CheckpointError(f"{p}: is a file; a model is a folder with config.json and *.safetensors")
+    builtin = builtin_path(s)
+    if builtin is not None:
+        return builtin
     if s.startswith((".", "/", "~")) or not _HUB_ID.match(s):
-        raise CheckpointError(f"{s}: no such model folder")
+        raise CheckpointError(f"{s}: no such model folder (a model is a folder, a hub id such as "
+                              f"openbmb/MiniCPM4-0.5B, or a built-in name: {', '.join(builtin_names())})")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -125,7 +131,8 @@ def build_model(config: ModelConfig, device="meta") -> MiniCPM4ForCausalLM:
 
 def load_model(path, device=None, dtype=None, *, sparse_config: SparseConfig | dict | None | str = "config",
                progress: bool | None = None) -> MiniCPM4ForCausalLM:
-    """Load a MiniCPM-family checkpoint folder (or hub id) into an eval-mode torch.nn.Module.
+    """Load a MiniCPM-family checkpoint folder (or hub id, or built-in name such as "needle-11m") into an eval-mode
+    torch.nn.Module.
 
     sparse_config: "config" keeps the checkpoint's; None forces dense; a SparseConfig/dict replaces it.
     """

@@ -3,8 +3,9 @@ a ConfigError naming the key and the file. Relative paths are taken from the wor
 
     [model]      init = "tiny" | a config.json / model folder (fresh random init), or checkpoint = HF folder;
                  overrides = {config.json keys}, sparse_config = {...} | false, attention, mup_lr, mup_init
-    [data]       seq_len, micro_batch (rows per forward per rank), grad_accum, tokenizer, [[data.sources]]
-                 (type = "shards", path | type = "synthetic", tasks, task_weights, min_len, max_len; weight)
+    [data]       seq_len, micro_batch (rows per forward per rank), grad_accum, tokenizer, pack, [[data.sources]]
+                 (type = "shards", path | type = "synthetic", tasks, task_weights, min_len, max_len, loss,
+                 workers; weight)
     [optim]      lr, weight_decay, betas, eps, clip
     [schedule]   warmup_steps, decay_fraction | decay_steps | decay_start, shape, final_ratio, half_life
     [run]        steps, seed, out_dir, dtype, device, parallel, activation_checkpointing, log_every, save_every,
@@ -27,7 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..errors import ConfigError
 from .schedule import SHAPES, WSD
-from .synthetic import TASKS
+from .synthetic import TASKS, TRAIN_TASKS
 
 _UNSET = "__keep__"  # sparse_config not given: keep the model's own
 
@@ -54,6 +55,8 @@ class SourceSpec:
     min_len: int = 256
     max_len: int = 1024
     seed: int | None = None
+    loss: str = "all"  # synthetic: "answer" = labels on the answer and EOS only
+    workers: int = 0   # synthetic: processes generating documents ahead of the packer
 
 
 @dataclass
@@ -62,6 +65,7 @@ class DataSection:
     micro_batch: int = 1
     grad_accum: int = 1
     tokenizer: str | None = None
+    pack: str = "split"  # "pad": whole documents per row, the rest padded (a document never loses its start)
     sources: list[SourceSpec] = field(default_factory=list)
 
 
@@ -127,7 +131,8 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, 
              "run": RunSection}
 _CHOICES = {"model.attention": ("auto", "dense", "sparse"), "schedule.shape": SHAPES,
             "run.dtype": ("auto", "float32", "bfloat16"), "run.parallel": ("ddp", "fsdp"),
-            "data.sources.type": ("shards", "synthetic")}
+            "data.sources.type": ("shards", "synthetic"), "data.sources.loss": ("all", "answer"),
+            "data.pack": ("split", "pad")}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -179,14 +184,26 @@ def _build(cls, d: Any, where: str, source: str):
 
 
 def apply_overrides(raw: dict, overrides: dict | None) -> dict:
-    """{"run.steps": 4, "model.checkpoint": "x"} -> a copy of the raw TOML dict with those keys set."""
+    """{"run.steps": 4, "data.sources.0.max_len": 512} -> a copy of the raw TOML dict with those keys set
+    (a number indexes an array of tables)."""
     out = copy.deepcopy(raw)
     for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
+        keys = dotted.split(".")
         node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        for n, p in enumerate(keys):
+            last = n == len(keys) - 1
+            if isinstance(node, list):
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise ConfigError(f"override {dotted!r}: {p!r} is not an index of an array of {len(node)}")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {keys[n - 1]!r} is a value, not a table")
+            elif not last:
+                node.setdefault(p, {})
+            if last:
+                node[p] = value
+            else:
+                node = node[p]
     return out
 
 
@@ -241,15 +258,19 @@ def _validate(cfg: RunConfig) -> None:
         if s.type == "shards" and not s.path:
             raise ConfigError(f"{src}: [{where}] of type 'shards' needs a 'path' (a tokenize_files folder)")
         if s.type == "synthetic":
-            bad = [t for t in s.tasks if t not in TASKS]
+            bad = [t for t in s.tasks if t not in TRAIN_TASKS]
             if bad or not s.tasks:
-                raise ConfigError(f"{src}: key '{where}.tasks' has unknown tasks {bad} (tasks: {', '.join(TASKS)})")
+                raise ConfigError(f"{src}: key '{where}.tasks' has unknown tasks {bad} (tasks: {', '.join(TRAIN_TASKS)})")
             if s.task_weights is not None and len(s.task_weights) != len(s.tasks):
                 raise ConfigError(f"{src}: key '{where}.task_weights' needs one weight per task")
             if not 0 < s.min_len <= s.max_len:
                 raise ConfigError(f"{src}: [{where}] needs 0 < min_len <= max_len, got {s.min_len}, {s.max_len}")
         if s.weight < 0:
             raise ConfigError(f"{src}: key '{where}.weight' must be >= 0")
+        if s.workers < 0:
+            raise ConfigError(f"{src}: key '{where}.workers' must be >= 0")
+        if s.type == "shards" and (s.loss != "all" or s.workers):
+            raise ConfigError(f"{src}: [{where}]: 'loss' and 'workers' apply to synthetic sources only")
     try:
         cfg.wsd()
     except ValueError as e:

@@ -24,10 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import EVAL_SEED_START, TASKS, generate
+from .synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, generate
 
 IGNORE = -100
 INDEX = "index.json"
+# A source's document: its tokens, or (tokens, first target index) when only the tail is trained on.
+Doc = np.ndarray | tuple[np.ndarray, int]
+
+
+def _split_doc(d: Doc) -> tuple[np.ndarray, int]:
+    return d if isinstance(d, tuple) else (d, 0)
 
 
 def _docs_of(path: Path, field: str) -> Iterable[str]:
@@ -138,21 +144,29 @@ class ShardSource:
 
 class SyntheticSource:
     """Synthetic task documents (prompt + answer + EOS). Draw k: task and length from a per-draw coin,
-    generation seed (seed·1_000_003 + k) mod EVAL_SEED_START, so training never touches the eval seed range."""
+    generation seed (seed·1_000_003 + k) mod EVAL_SEED_START, so training never touches the eval seed range.
+
+    loss="answer" labels only the answer and EOS (the prompt is context, not a target). workers > 0 generates
+    the next documents in that many forked processes; the documents are the same as with workers = 0."""
 
     def __init__(self, tokenizer, *, tasks: Sequence[str] = TASKS, weights: Sequence[float] | None = None,
-                 min_len: int = 256, max_len: int = 1024, seed: int = 0):
+                 min_len: int = 256, max_len: int = 1024, seed: int = 0, loss: str = "all", workers: int = 0):
         if not 0 <= seed < EVAL_SEED_START:
             raise ValueError(f"synthetic training seed {seed} is outside [0, {EVAL_SEED_START}): seeds from "
                              f"{EVAL_SEED_START} on are reserved for evaluation")
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in TRAIN_TASKS]
         if unknown or not tasks:
-            raise ValueError(f"unknown synthetic tasks {unknown} (tasks: {', '.join(TASKS)})")
+            raise ValueError(f"unknown synthetic tasks {unknown} (tasks: {', '.join(TRAIN_TASKS)})")
         if not 0 < min_len <= max_len:
             raise ValueError(f"synthetic lengths need 0 < min_len <= max_len, got {min_len}, {max_len}")
+        if loss not in ("all", "answer"):
+            raise ValueError(f"synthetic loss must be 'all' or 'answer', got {loss!r}")
         self.tokenizer, self.tasks, self.seed = tokenizer, list(tasks), seed
         self.weights = list(weights) if weights is not None else [1.0] * len(self.tasks)
         self.min_len, self.max_len = min_len, max_len
+        self.loss, self.workers = loss, workers
+        self._ahead: dict[int, Doc] = {}
+        self._pool = None
 
     def example_seed(self, k: int) -> int:
         s = (self.seed * 1_000_003 + k) % EVAL_SEED_START
@@ -160,12 +174,47 @@ class SyntheticSource:
             raise ValueError(f"seed {s} is reserved for evaluation")
         return s
 
-    def doc(self, k: int) -> np.ndarray:
+    def make(self, k: int) -> Doc:
         rng = random.Random(self.seed * 7_919_000_003 + k)
         task = rng.choices(self.tasks, self.weights)[0]
         length = rng.randint(self.min_len, self.max_len)
         ex = generate(task, length, self.example_seed(k), self.tokenizer, allow_longer=True)
-        return np.asarray(ex.token_ids(self.tokenizer), dtype=np.uint32)
+        ids = ex.token_ids(self.tokenizer)
+        if self.loss == "all":
+            return np.asarray(ids, dtype=np.uint32)
+        prompt = self.tokenizer.encode(ex.prompt)
+        start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), len(prompt))
+        return np.asarray(ids, dtype=np.uint32), start
+
+    def doc(self, k: int) -> Doc:
+        if self.workers <= 0:
+            return self.make(k)
+        if k not in self._ahead:
+            self._fill(k)
+        out = self._ahead.pop(k)
+        for old in [j for j in self._ahead if j < k]:
+            del self._ahead[old]
+        return out
+
+    def _fill(self, k: int) -> None:
+        import multiprocessing as mp
+        if self._pool is None:
+            global _WORKER_SOURCE
+            _WORKER_SOURCE = self  # inherited by the forked workers
+            self._pool = mp.get_context("fork").Pool(self.workers)
+        ks = list(range(k, k + 8 * self.workers))
+        self._ahead.update(zip(ks, self._pool.map(_make_in_worker, ks, chunksize=2)))
+
+    def __del__(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.terminate()
+
+
+_WORKER_SOURCE: SyntheticSource | None = None
+
+
+def _make_in_worker(k: int) -> Doc:
+    return _WORKER_SOURCE.make(k)
 
 
 class DataMix:
@@ -201,52 +250,65 @@ class Row:
 
 class Packer:
     """Cuts a DataMix stream into rows. Position: document i, the offset into it, and the per-source draw counts
-    before document i."""
+    before document i. pack="split" fills every row to the brim, splitting documents at row ends; pack="pad"
+    starts every document at a row start unless it is longer than a row, and pads the rest of the row (its own
+    segment in cu_seqlens, no labels), so a task document always keeps its prompt."""
 
-    def __init__(self, mix: DataMix, seq_len: int):
+    def __init__(self, mix: DataMix, seq_len: int, pack: str = "split", pad_id: int = 0):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        self.mix, self.seq_len = mix, seq_len
+        if pack not in ("split", "pad"):
+            raise ValueError(f"pack must be 'split' or 'pad', got {pack!r}")
+        self.mix, self.seq_len, self.pack, self.pad_id = mix, seq_len, pack, pad_id
         self.doc_index, self.offset = 0, 0
         self.counts = [0] * len(mix.sources)
-        self._cache: dict[int, tuple[int, np.ndarray]] = {}
+        self._cache: dict[int, tuple[int, np.ndarray, int]] = {}
 
-    def _doc(self, i: int, counts: list[int]) -> tuple[int, np.ndarray]:
-        """(source, tokens) of document i; `counts` are the per-source draws before it."""
+    def _doc(self, i: int, counts: list[int]) -> tuple[int, np.ndarray, int]:
+        """(source, tokens, first target index) of document i; `counts` are the per-source draws before it."""
         if i not in self._cache:
             j = self.mix.source_of(i)
-            self._cache[i] = (j, self.mix.sources[j].doc(counts[j]))
+            self._cache[i] = (j, *_split_doc(self.mix.sources[j].doc(counts[j])))
             if len(self._cache) > 4:
                 del self._cache[min(self._cache)]
         return self._cache[i]
 
-    def _read(self, n: int, i: int, off: int, counts: list[int]):
-        """n tokens from (document i, offset off): (tokens, document ids, new i, new off); `counts` (draws before
-        document i) is advanced in place past every document finished."""
-        toks, segs = [], []
+    def _read(self, n: int, i: int, off: int, counts: list[int], whole: bool = False):
+        """Up to n tokens from (document i, offset off): (tokens, document ids, target flags, new i, new off);
+        `counts` (draws before document i) is advanced in place past every document finished. whole: stop
+        before a document that would not fit in full (unless nothing has been read yet)."""
+        toks, segs, tgt = [], [], []
         while n > 0:
-            j, d = self._doc(i, counts)
+            j, d, start = self._doc(i, counts)
+            if whole and toks and len(d) - off > n:
+                break
             take = d[off: off + n]
             toks.append(take)
             segs.append(np.full(len(take), i, dtype=np.int64))
+            tgt.append(np.arange(off, off + len(take)) >= start)
             n -= len(take)
             off += len(take)
             if off >= len(d):
                 i, off = i + 1, 0
                 counts[j] += 1
-        return np.concatenate(toks).astype(np.int64), np.concatenate(segs), i, off
+        return np.concatenate(toks).astype(np.int64), np.concatenate(segs), np.concatenate(tgt), i, off
 
     def next_row(self) -> Row:
         L = self.seq_len
         counts = list(self.counts)
-        ids, segs, i, off = self._read(L, self.doc_index, self.offset, counts)
-        # the label of the last token is the next stream token when the document continues into the next row
-        peek, _, _, _ = self._read(1, i, off, list(counts)) if off > 0 else (None, None, None, None)
+        ids, segs, tgt, i, off = self._read(L, self.doc_index, self.offset, counts, whole=self.pack == "pad")
+        if len(ids) < L:  # padding: its own segment, never a target
+            pad = L - len(ids)
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, dtype=np.int64)])
+            segs = np.concatenate([segs, np.full(pad, -1, dtype=np.int64)])
+            tgt = np.concatenate([tgt, np.zeros(pad, dtype=bool)])
         labels = np.full(L, IGNORE, dtype=np.int64)
-        same = segs[1:] == segs[:-1]
-        labels[:-1][same] = ids[1:][same]
-        if peek is not None:
-            labels[-1] = peek[0]
+        keep = (segs[1:] == segs[:-1]) & tgt[1:]
+        labels[:-1][keep] = ids[1:][keep]
+        if off > 0:  # the last token's label is the next stream token when the document continues
+            peek, _, ptgt, _, _ = self._read(1, i, off, list(counts))
+            if ptgt[0]:
+                labels[-1] = peek[0]
         cuts = np.flatnonzero(segs[1:] != segs[:-1]) + 1
         cu = np.concatenate([[0], cuts, [L]]).astype(np.int32)
         self.doc_index, self.offset, self.counts = i, off, counts

@@ -15,6 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
+# Training may also use kv_recall: every needle is a target, so retrieval gets many gradient signals per document
+# (the eval tasks give one short answer each). It is not part of the eval suite.
+# copy: a random list to repeat verbatim, every copied token an induction target; a warm-up that forms the
+# copying heads the retrieval tasks need long before their sparse answer tokens alone would.
+TRAIN_TASKS = TASKS + ("kv_recall", "copy")
 EVAL_SEED_START = 10**6
 
 _NOUNS = ("river", "mountain", "garden", "teacher", "window", "engine", "forest", "village", "market", "letter",
@@ -170,15 +175,34 @@ def _common_words(rng: random.Random, n: int):
     return prompt, " " + ", ".join(common) + ".", tuple(common)
 
 
+def _kv_recall(rng: random.Random, n: int):
+    used: set[str] = set()
+    pairs = [(_key(rng, used), _number(rng)) for _ in range(rng.randint(2, 8))]
+    depths = sorted(rng.random() for _ in pairs)  # the answer lists the pairs in order of appearance
+    hay = _haystack(rng, n, [(d, f"One of the special magic numbers for {k} is: {v}.") for d, (k, v) in zip(depths, pairs)])
+    prompt = (f"Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+              f"I will quiz you about the numbers afterwards.\n\n{hay}\n\nList every key with its special magic "
+              f"number, in order of appearance:")
+    return prompt, " " + ", ".join(f"{k}: {v}" for k, v in pairs) + ".", tuple(v for _, v in pairs)
+
+
+def _copy(rng: random.Random, n: int):
+    items = [_number(rng, rng.randint(3, 7)) if rng.random() < 0.4 else word(rng.randrange(400))
+             for _ in range(4 + 2 * n)]
+    listing = " ".join(items)
+    return f"Repeat the following list exactly.\n{listing}\nThe list again:", f" {listing}.", (listing,)
+
+
 _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
-                                  "variable_tracking": _variable_tracking, "common_words": _common_words}
+                                  "variable_tracking": _variable_tracking, "common_words": _common_words,
+                                  "kv_recall": _kv_recall, "copy": _copy}
 
 
 def generate(task: str, length: int, seed: int, tokenizer, *, allow_longer: bool = False) -> SyntheticExample:
     """The example of `task` with the most filler such that BOS + prompt + answer + EOS <= length tokens.
     A length below the task's minimum (no filler at all) raises, or with allow_longer gives the no-filler one."""
     if task not in _BUILDERS:
-        raise ValueError(f"unknown synthetic task {task!r} (tasks: {', '.join(TASKS)})")
+        raise ValueError(f"unknown synthetic task {task!r} (tasks: {', '.join(TRAIN_TASKS)})")
     build = _BUILDERS[task]
     cache: dict[int, tuple[int, tuple]] = {}
 

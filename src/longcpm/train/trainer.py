@@ -42,6 +42,9 @@ def chunked_cross_entropy(lm: nn.Module, hidden: torch.Tensor, labels: torch.Ten
     logits are recomputed in backward instead of stored."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
+    if (y == IGNORE).any():  # logits only where there is a target (answer-only rows label a few tokens)
+        keep = (y != IGNORE).nonzero().squeeze(1)
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled():
@@ -104,7 +107,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.schedule = cfg.wsd()
         self.sched = wsd_scheduler(self.opt, self.schedule)
-        self.packer = Packer(self._mix(cfg.run.seed), cfg.data.seq_len)
+        self.packer = Packer(self._mix(cfg.run.seed), cfg.data.seq_len, cfg.data.pack)
         self.global_rows = cfg.data.micro_batch * cfg.data.grad_accum * self.info.world
         self.step = 0
         self._saved_step = -1
@@ -149,7 +152,8 @@ class Trainer:
                     sources.append(ShardSource(s.path, seed=sseed))
                 else:
                     sources.append(SyntheticSource(self.tokenizer, tasks=s.tasks, weights=s.task_weights,
-                                                   min_len=s.min_len, max_len=s.max_len, seed=sseed))
+                                                   min_len=s.min_len, max_len=s.max_len, seed=sseed, loss=s.loss,
+                                                   workers=s.workers))
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"{self.cfg.source}: [data.sources[{i}]]: {e}") from None
         return DataMix(sources, [s.weight for s in self.cfg.data.sources], seed=seed)
@@ -218,7 +222,7 @@ class Trainer:
         (a different draw of the same sources, not a held-out split)."""
         if self._eval_rows is None:
             n = -(-self.cfg.run.eval_rows // self.info.world) * self.info.world
-            self._eval_rows = Packer(self._mix(self.cfg.run.seed + 1), self.cfg.data.seq_len).rows(n)
+            self._eval_rows = Packer(self._mix(self.cfg.run.seed + 1), self.cfg.data.seq_len, self.cfg.data.pack).rows(n)
         rows = self._eval_rows
         mine = rank_slice(rows, self.info.rank, self.info.world)
         total = torch.zeros((), device=self.device)

@@ -2,7 +2,8 @@
 
 `infllmv2_attention` (causal prefill, dense below dense_len), `infllmv2_select` (block selection alone),
 `infllmv2_decode` (queries against a KV cache with compressed keys), `update_compressed_cache` (incremental c1/c2).
-The backend is chosen in ops/dispatch.py: naive (the PyTorch reference in naive.py) or triton.
+The backend is chosen in ops/dispatch.py: naive (the PyTorch reference in naive.py), torch (blocked.py: the
+efficient PyTorch prefill, the default off CUDA; infllmv2_attention only) or triton.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from ...config import SparseConfig
 from ..dispatch import resolve_backend
+from .blocked import blocked_infllmv2_attention
 from .common import as_sparse_config, compressed_len
 from .naive import naive_infllmv2_attention, naive_infllmv2_decode, naive_infllmv2_select
 
@@ -24,9 +26,13 @@ def infllmv2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse
     dense_len (per sequence, total length), block-sparse at or above. q_sel/k_sel: the tensors used for block
     selection when they differ from q/k (use_nope: pre-RoPE). Returns [B, Tq, HQ, D] in q's dtype."""
     cfg = as_sparse_config(sparse_config)
-    if resolve_backend(backend, q) == "naive":
+    chosen = resolve_backend(backend, q, ("naive", "torch", "triton"))
+    if chosen == "naive":
         return naive_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
                                         q_sel=q_sel, k_sel=k_sel)
+    if chosen == "torch":
+        return blocked_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
+                                          q_sel=q_sel, k_sel=k_sel)
     from .triton_entry import triton_infllmv2_attention
     return triton_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k,
                                      q_sel=q_sel, k_sel=k_sel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...config import SparseConfig
 from .common import check_qkv, seq_bounds
@@ -14,12 +15,17 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention, queries bottom-right aligned. [B, Tq, HQ, D] in and out."""
     Tq, Tk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if Tq == Tk:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-    else:
-        from torch.nn.attention.bias import causal_lower_right
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=True)
+    with sdpa_kernel(_VARLEN_BACKENDS):
+        if Tq == Tk:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        else:
+            from torch.nn.attention.bias import causal_lower_right
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=True)
     return o.transpose(1, 2)
+
+
+# Rows arrive with ever new lengths; cuDNN would build a new execution graph for each (up to 100+ ms of CPU).
+_VARLEN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _window_blocks(cfg: SparseConfig) -> int:
