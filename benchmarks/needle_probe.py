@@ -15,9 +15,13 @@ def sdpa_rates() -> None:
         q = torch.randn(1, 8, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(1, 1, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn_like(k, requires_grad=True)
-        variants = {"gqa_auto": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                    "repeat_auto": lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(8, 1),
-                                                                          v.repeat_interleave(8, 1), is_causal=True)}
+        def gqa(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def repeat(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(8, 1), v.repeat_interleave(8, 1),
+                                                  is_causal=True)
+        variants = {"gqa_auto": gqa, "repeat_auto": repeat}
         for name, fn in variants.items():
             for _ in range(2):
                 fn().sum().backward()
