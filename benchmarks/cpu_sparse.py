@@ -100,7 +100,7 @@ def main() -> None:
             ms = time_modes(fns, args.reps)
             err = max_error(q, k, v)
         rec = {"T": T, "ms": ms, "dense_over_sparse": round(ms["dense"] / ms["sparse"], 2), "max_abs_err": err,
-               "loadavg_1min": round(os.getloadavg()[0], 2)}  # ~threads when nothing else ran alongside
+               "loadavg_1min": round(os.getloadavg()[0], 2)}  # lags; well above --threads: other work ran
         records.append(rec)
         print(f"{T:>6} {ms['dense']:>9} {ms['sparse']:>10} {ms['select']:>10} {ms.get('naive', '-'):>9} "
               f"{rec['dense_over_sparse']:>13} {err:>8.1e}", flush=True)

@@ -97,11 +97,10 @@ def test_packed_sequences_mixed_dense_and_sparse(small_chunks, variant):
     kw = dict(cu_seqlens=cu_q, cu_seqlens_k=cu_k)
     close(blocked_infllmv2_attention(q, k, v, cfg, **kw), naive_infllmv2_attention(q, k, v, cfg, **kw),
           torch.float32)
-    same = [0, 40, 170, 177]  # cu_seqlens alone: keys = queries
-    cu = torch.tensor(same, dtype=torch.int32)
+    cu = torch.tensor([0, 40, 170, 177], dtype=torch.int32)  # cu_seqlens alone: keys = queries
     q, k, v = qkv(1, 177, 177, 2, 4, seed=6)
-    close(blocked_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu), naive_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu),
-          torch.float32)
+    out = blocked_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu)
+    close(out, naive_infllmv2_attention(q, k, v, cfg, cu_seqlens=cu), torch.float32)
 
 
 def test_dense_rows_with_more_keys_than_queries():

@@ -26,7 +26,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     compile: bool = False
     attention: str = "auto"
-    backend: str | None = None  # ops backend override ("naive" | "triton"); None picks by device
+    backend: str | None = None  # ops backend override ("naive" | "torch" | "triton"); None picks by device
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):

@@ -1,7 +1,8 @@
 """InfLLM-V2 prefill in plain PyTorch whose cost follows the selected blocks: the "torch" backend (CPU or GPU).
 
-Same contract as naive_infllmv2_attention (naive.py) and the same selected blocks, but work and memory grow with
-tokens x budget: queries go through in chunks and nothing of size [Tq, Tk] is ever built.
+Same contract as naive_infllmv2_attention (naive.py) and the same selected blocks, but stage 2's work grows with
+tokens x budget and memory stays linear in the length: queries go through in chunks and nothing of size [Tq, Tk]
+is ever built. (Selection still scores every query against every c1 window, Tq x Tk / stride, by design.)
 
 Selection repeats naive's stage-1 arithmetic over query chunks, cut after the last block a chunk can see, and gets
 bit-identical scores, so top-k picks the same blocks, ties included. That takes care: PyTorch rounds the last few
@@ -13,7 +14,8 @@ Stage 2 splits each token's blocks in two. The band (init blocks and the local w
 a block) goes through one matmul per 64-token tile. The other selected blocks go through (kv head, block) items:
 up to 64 tokens that picked a block, against that block. Not a union of blocks per tile: unrelated neighbouring
 queries (random inputs, a change of topic) make a tile's union nearly every past block, i.e. dense cost.
-Softmax sums are accumulated per token (_Accumulator); temporaries stay a few MiB (see the constants).
+Softmax sums are accumulated per token (_Accumulator); temporaries are slices of a few MiB, reused from slice to
+slice when no gradient is needed (_Scratch).
 """
 
 from __future__ import annotations
@@ -353,8 +355,8 @@ def _pair_logits(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, idx: torc
 
 
 def _exp_is_safe(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, keys: int) -> bool:
-    """kf: keys with D in dim -2. |logit| <= |q| |k| (q already scaled): below _EXP_LIMIT, exp(logit) is a normal float and the sums of
-    exp(logit) * v over `keys` keys stay far from overflow, so the softmax needs no running max."""
+    """|logit| <= |q| |k| (q already scaled; kf holds D in dim -2): below _EXP_LIMIT, exp(logit) is a normal
+    float and the sums of exp(logit) * v over `keys` keys stay far from overflow: no running max is needed."""
     qf, kf, vf = qf.detach(), kf.detach(), vf.detach()
     bound = float(qf.norm(dim=-1).max()) * float(kf.norm(dim=-2).max())
     vmax = float(vf.abs().max()) if vf.numel() else 0.0
