@@ -61,3 +61,16 @@ def test_bad_sparse_config_and_seed_at_build(tmp_path):
     raw["data"]["sources"][0]["seed"] = 10**6
     with pytest.raises(ConfigError, match=r"data.sources\[0\].*reserved for evaluation"):
         Trainer(_load(tmp_path, raw))
+
+
+def test_overrides_index_arrays_of_tables():
+    from longcpm.train.config import apply_overrides
+    raw = {"data": {"sources": [{"type": "synthetic", "max_len": 64}, {"type": "shards"}]}, "run": {"steps": 3}}
+    out = apply_overrides(raw, {"data.sources.0.max_len": 512, "data.sources.1.weight": 2.0, "run.steps": 9,
+                                "model.attention": "sparse"})
+    assert out["data"]["sources"][0]["max_len"] == 512 and out["data"]["sources"][1]["weight"] == 2.0
+    assert out["run"]["steps"] == 9 and out["model"]["attention"] == "sparse"
+    assert raw["data"]["sources"][0]["max_len"] == 64  # the input is not modified
+    for bad in ("data.sources.2.max_len", "data.sources.x.max_len", "run.steps.x"):
+        with pytest.raises(ConfigError, match="override"):
+            apply_overrides(raw, {bad: 1})
