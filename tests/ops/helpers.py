@@ -13,6 +13,9 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
+# a small InfLLM-V2 setting (blocks of 16 tokens) that keeps reference-vs-kernel tests fast; always sparse
+SMALL_SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=4, init_blocks=1,
+                    lse_kernel_size=32, lse_kernel_stride=16, dense_len=-1)
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 

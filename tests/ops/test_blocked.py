@@ -20,8 +20,9 @@ from longcpm.ops.infllmv2.naive import (
     selection_width,
 )
 
-SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=4, init_blocks=1,
-             lse_kernel_size=32, lse_kernel_stride=16, dense_len=-1)
+from .helpers import SMALL_SPARSE
+
+SMALL = SMALL_SPARSE
 VARIANTS = [dict(variant="v2"), dict(variant="v1"), dict(variant="v1", use_compress_lse=True)]
 
 

@@ -129,6 +129,7 @@ def test_pad_packing_keeps_documents_whole(shards):
             seen.append(seg)
             assert row.labels[a:b - 1].tolist() == seg[1:] and row.labels[b - 1] == IGNORE
     # every document of the stream appears whole and in order (all these documents fit in a row)
+    assert len(seen) >= 10
     assert all(len(d) <= 64 for d in docs[: len(seen)])
     assert seen == [d.tolist() for d in docs[: len(seen)]]
 

@@ -120,7 +120,7 @@ class Attention(nn.Module):
 
 # cuDNN rebuilds its execution graph for every new sequence length (milliseconds to 100+ ms of CPU per call): in
 # decode every step, in packed training every document. Measured on H200: dense training of needle-11m at 4K rows
-# ran at 15K tokens/s with cuDNN chosen, against 850K tokens/s for the sparse (Triton) path.
+# ran at 17K-25K tokens/s with cuDNN chosen, 316K without (benchmarks/results/needle-11m-*.jsonl).
 _MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...config import SparseConfig
 from .common import as_sparse_config, check_qkv, num_blocks, pool_window_range, seq_bounds
-from .naive import naive_compress, selection_width
+from .naive import forced_block_scores, naive_compress, selection_width
 
 _ALIGN = 64  # query chunks start at multiples of this (see the module docstring)
 _ROWS = 64  # tokens per stage-2 item: a useful matmul, little padding per (head, block) group
@@ -199,16 +199,7 @@ def _block_scores(S: torch.Tensor, pos: torch.Tensor, n_blk: int, cfg: SparseCon
     P = -(-cfg.kernel_size // cfg.kernel_stride) - 1
     right = max(0, r * n_blk - n1)
     padded = F.pad(S, (P, right), value=float("-inf"))[..., : r * n_blk + P]
-    out = padded.unfold(-1, r + P, r).amax(-1)  # [H, T, n_blk]
-    kk = torch.arange(n_blk, device=S.device)[None, :]
-    qb = (pos // cfg.block_size)[:, None]
-    local = cfg.local_blocks
-    out = out.masked_fill((kk < cfg.init_blocks)[None], float("inf"))
-    if cfg.variant == "v2":
-        out = out.masked_fill(((kk >= qb - local) & (kk <= qb))[None], float("inf"))
-    else:
-        out = out.masked_fill(((kk > qb - local) & (kk <= qb))[None], float("-inf"))
-    return out.masked_fill((kk > qb)[None], float("-inf"))
+    return forced_block_scores(padded.unfold(-1, r + P, r).amax(-1), pos, cfg)  # [H, T, n_blk]
 
 
 def _topk(scores: torch.Tensor, width: int) -> torch.Tensor:

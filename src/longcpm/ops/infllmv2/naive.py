@@ -67,8 +67,14 @@ def naive_block_scores(S: torch.Tensor, pos: torch.Tensor, n_blk: int, cfg: Spar
         hi = min(hi, n1 - 1)
         if lo <= hi:
             out[:, :, k] = S[:, :, lo: hi + 1].amax(-1)
-    kk = torch.arange(n_blk, device=S.device)[None, :]
-    qb = (pos // bs)[:, None]
+    return forced_block_scores(out, pos, cfg)
+
+
+def forced_block_scores(out: torch.Tensor, pos: torch.Tensor, cfg: SparseConfig) -> torch.Tensor:
+    """Pooled block scores [H, T, n_blk] with the init / local blocks forced (+inf) and future (and v1 window)
+    blocks excluded (-inf). Shared by every implementation so they select the same blocks."""
+    kk = torch.arange(out.shape[-1], device=out.device)[None, :]
+    qb = (pos // cfg.block_size)[:, None]
     local = cfg.local_blocks
     out = out.masked_fill((kk < cfg.init_blocks)[None], float("inf"))
     if cfg.variant == "v2":
