@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import longcpm.layers.attention as attention_mod
+from longcpm.errors import ConfigError
 from longcpm.models.checkpoint import load_model
 from longcpm.train.config import load_run_config, parse_run_config
 from longcpm.train.metrics import read_metrics
@@ -72,3 +73,22 @@ def test_attention_mode_is_passed_through(tmp_path, monkeypatch, shards_dir, att
     t = Trainer(parse_run_config(raw))
     rec = t.step_on(t.packer.rows(t.global_rows))
     assert bool(calls) == (attention == "sparse") and rec["loss"] > 0
+
+
+def test_dense_fraction_mixes_modes_per_step(tmp_path, monkeypatch, shards_dir):
+    calls = []
+    real = attention_mod.infllmv2_attention
+    monkeypatch.setattr(attention_mod, "infllmv2_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    raw = tiny_run(tmp_path / "o", shards_dir, model={"sparse_config": TINY_SPARSE, "attention": "sparse",
+                                                      "dense_fraction": 0.5},
+                   run={"steps": 8, "resume": False}, schedule={"warmup_steps": 0, "decay_steps": 0})
+    t = Trainer(parse_run_config(raw))
+    modes = [t.step_attention(s) for s in range(40)]
+    assert set(modes) == {"dense", "sparse"} and modes == [t.step_attention(s) for s in range(40)]
+    for want in modes[:4]:
+        calls.clear()
+        rec = t.step_on(t.packer.rows(t.global_rows))
+        assert rec["dense"] == (want == "dense") and bool(calls) == (want == "sparse")
+    bad = tiny_run(tmp_path / "b", shards_dir, model={"dense_fraction": 1.5})
+    with pytest.raises(ConfigError, match="dense_fraction"):
+        parse_run_config(bad)

@@ -4,7 +4,7 @@ is in the prompt, eval seeds are refused by training sources."""
 import pytest
 
 from longcpm.train.data import SyntheticSource
-from longcpm.train.synthetic import EVAL_SEED_START, TASKS, generate, word
+from longcpm.train.synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, ChunkEncoder, generate, word
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -60,3 +60,36 @@ def test_training_source_refuses_eval_seeds(tokenizer):
     assert (a == SyntheticSource(tokenizer, tasks=["passkey"], min_len=100, max_len=200,
                                  seed=EVAL_SEED_START - 1).doc(3)).all()
     assert 90 <= len(a) <= 200
+
+
+@pytest.mark.parametrize("task", TRAIN_TASKS)
+def test_chunk_encoder_gives_the_tokenizers_ids(task, tokenizer):
+    enc = ChunkEncoder(tokenizer)
+    assert enc.chunked  # MiniCPM's SentencePiece model never merges across a space
+    for length, seed in ((300, 1), (2500, 2)):
+        ex = generate(task, length, seed, tokenizer, allow_longer=True)
+        for text in (ex.prompt, ex.prompt + ex.answer):
+            assert enc.encode(text) == tokenizer.encode(text)
+            assert enc.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_chunk_encoder_falls_back_for_tokenizers_that_merge_spaces():
+    class PairTokenizer:  # one id per two characters: merges across spaces
+        eos_token_id, bos_token_id, add_bos_token = 2, 1, True
+
+        def encode(self, text, add_special_tokens=True):
+            ids = [hash(text[i: i + 2]) % 1000 + 3 for i in range(0, len(text), 2)]
+            return ([1] if add_special_tokens else []) + ids
+
+    enc = ChunkEncoder(PairTokenizer())
+    assert not enc.chunked
+    assert enc.encode("a bc de f") == PairTokenizer().encode("a bc de f")
+
+
+@pytest.mark.parametrize("task", ["passkey", "common_words", "variable_tracking"])
+def test_slack_fit_stays_inside_the_slack(task, tokenizer):
+    for length in (700, 3000, 9000):
+        ex = generate(task, length, 3, tokenizer, slack=length // 64)
+        n = len(ex.token_ids(tokenizer))
+        exact = len(generate(task, length, 3, tokenizer).token_ids(tokenizer))
+        assert length - length // 64 - 40 <= n <= exact <= length, (length, n, exact)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..kvcache import LayerCache, StepMeta
 from ..ops import infllmv2_attention, infllmv2_decode, update_compressed_cache
+from ..ops.packed import MASKED_BACKENDS, packed_causal_attention
 from .rope import apply_rotary
 
 
@@ -88,15 +89,7 @@ class Attention(nn.Module):
         if self.sparse is not None and meta.attention != "dense":
             cfg = self.sparse if meta.attention == "auto" else _always_sparse(self.sparse)
             return infllmv2_attention(q, k, v, cfg, cu_seqlens=meta.cu_seqlens)
-        o = torch.empty_like(q)
-        cu = meta.cu_seqlens.tolist()
-        with sdpa_kernel(_MASKED_BACKENDS):  # every document is a new length: no cuDNN graph builds
-            for s, e in zip(cu[:-1], cu[1:]):
-                if e > s:
-                    o[:, s:e] = F.scaled_dot_product_attention(
-                        q[:, s:e].transpose(1, 2), k[:, s:e].transpose(1, 2), v[:, s:e].transpose(1, 2),
-                        is_causal=True, enable_gqa=True).transpose(1, 2)
-        return o
+        return packed_causal_attention(q, k, v, meta.cu_seqlens)
 
     def _dense(self, q, k, v, meta: StepMeta, cache: LayerCache | None) -> torch.Tensor:
         qt = q.transpose(1, 2)
@@ -121,7 +114,7 @@ class Attention(nn.Module):
 # cuDNN rebuilds its execution graph for every new sequence length (milliseconds to 100+ ms of CPU per call): in
 # decode every step, in packed training every document. Measured on H200: dense training of needle-11m at 4K rows
 # ran at 17K-25K tokens/s with cuDNN chosen, 316K without (benchmarks/results/needle-11m-*.jsonl).
-_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+_MASKED_BACKENDS = MASKED_BACKENDS
 
 
 def _dense_mask(positions: torch.Tensor, totals: torch.Tensor, Tk: int) -> torch.Tensor:

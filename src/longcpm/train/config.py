@@ -40,6 +40,7 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)
     sparse_config: Any = _UNSET  # dict: switch InfLLM-V2 on / replace it; false: force dense
     attention: str = "auto"
+    dense_fraction: float = 0.0  # sparse/auto runs: this share of the steps (a seeded coin per step) runs dense
     mup_lr: bool = True
     mup_init: bool = False
     init_seed: int | None = None
@@ -249,6 +250,8 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{src}: key '{name}' must be >= 0, got {v}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"{src}: key 'optim.lr' must be positive, got {cfg.optim.lr}")
+    if not 0.0 <= m.dense_fraction <= 1.0:
+        raise ConfigError(f"{src}: key 'model.dense_fraction' must be in [0, 1], got {m.dense_fraction}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"{src}: key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
     if not d.sources:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, generate
+from .synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, ChunkEncoder, generate
 
 IGNORE = -100
 INDEX = "index.json"
@@ -147,7 +147,9 @@ class SyntheticSource:
     generation seed (seed·1_000_003 + k) mod EVAL_SEED_START, so training never touches the eval seed range.
 
     loss="answer" labels only the answer and EOS (the prompt is context, not a target). workers > 0 generates
-    the next documents in that many forked processes; the documents are the same as with workers = 0."""
+    the next documents in that many forked processes, one batch ahead of the trainer; the documents are the same
+    as with workers = 0. Lengths are fitted within 1/64 of the drawn length (`generate`'s slack) and encoded by
+    a ChunkEncoder: the ids equal the tokenizer's, a few times faster."""
 
     def __init__(self, tokenizer, *, tasks: Sequence[str] = TASKS, weights: Sequence[float] | None = None,
                  min_len: int = 256, max_len: int = 1024, seed: int = 0, loss: str = "all", workers: int = 0):
@@ -162,10 +164,12 @@ class SyntheticSource:
         if loss not in ("all", "answer"):
             raise ValueError(f"synthetic loss must be 'all' or 'answer', got {loss!r}")
         self.tokenizer, self.tasks, self.seed = tokenizer, list(tasks), seed
+        self.encoder = ChunkEncoder(tokenizer)
         self.weights = list(weights) if weights is not None else [1.0] * len(self.tasks)
         self.min_len, self.max_len = min_len, max_len
         self.loss, self.workers = loss, workers
         self._ahead: dict[int, Doc] = {}
+        self._pending: list[tuple[range, object]] = []  # generation batches in flight: (draws, AsyncResult)
         self._pool = None
 
     def example_seed(self, k: int) -> int:
@@ -178,11 +182,11 @@ class SyntheticSource:
         rng = random.Random(self.seed * 7_919_000_003 + k)
         task = rng.choices(self.tasks, self.weights)[0]
         length = rng.randint(self.min_len, self.max_len)
-        ex = generate(task, length, self.example_seed(k), self.tokenizer, allow_longer=True)
-        ids = ex.token_ids(self.tokenizer)
+        ex = generate(task, length, self.example_seed(k), self.encoder, allow_longer=True, slack=length // 64)
+        ids = ex.token_ids(self.encoder)
         if self.loss == "all":
             return np.asarray(ids, dtype=np.uint32)
-        prompt = self.tokenizer.encode(ex.prompt)
+        prompt = self.encoder.encode(ex.prompt)
         start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), len(prompt))
         return np.asarray(ids, dtype=np.uint32), start
 
@@ -197,13 +201,23 @@ class SyntheticSource:
         return out
 
     def _fill(self, k: int) -> None:
+        """Collect the batch holding draw k (starting it if k is not in flight), then start the next batch, so
+        the workers generate while the trainer computes."""
         import multiprocessing as mp
         if self._pool is None:
             global _WORKER_SOURCE
             _WORKER_SOURCE = self  # inherited by the forked workers
             self._pool = mp.get_context("fork").Pool(self.workers)
-        ks = list(range(k, k + 8 * self.workers))
-        self._ahead.update(zip(ks, self._pool.map(_make_in_worker, ks, chunksize=2)))
+        n = 8 * self.workers
+        if not any(k in r for r, _ in self._pending):
+            self._pending = [(range(k, k + n), self._pool.map_async(_make_in_worker, range(k, k + n), chunksize=2))]
+        while self._pending:
+            r, res = self._pending.pop(0)
+            self._ahead.update(zip(r, res.get()))
+            if k in r:
+                break
+        nxt = range(r.stop, r.stop + n)
+        self._pending.append((nxt, self._pool.map_async(_make_in_worker, nxt, chunksize=2)))
 
     def __del__(self):
         if getattr(self, "_pool", None) is not None:

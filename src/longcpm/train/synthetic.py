@@ -198,9 +198,45 @@ _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multike
                                   "kv_recall": _kv_recall, "copy": _copy}
 
 
-def generate(task: str, length: int, seed: int, tokenizer, *, allow_longer: bool = False) -> SyntheticExample:
+class ChunkEncoder:
+    """Encodes the generators' texts space-chunk by space-chunk with a memo. The filler repeats a few hundred words,
+    so this is several times faster than encoding whole documents, and it gives the same ids when the tokenizer
+    never merges across a space (true of MiniCPM's SentencePiece model on every task: tests/train check it). A
+    tokenizer that does merge across spaces is detected on a probe text and then encodes whole texts instead."""
+
+    _PROBE = "The quiet river 1234567 visited.\n\nOne of the special-magic numbers for bright-harbor is: 42. A: B"
+
+    def __init__(self, tokenizer, max_entries: int = 1 << 18):
+        self.tokenizer, self.max_entries = tokenizer, max_entries
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+        self._memo: dict[str, list[int]] = {}
+        self.chunked = self._chunks(self._PROBE) == tokenizer.encode(self._PROBE, add_special_tokens=False)
+
+    def _chunks(self, text: str) -> list[int]:
+        out: list[int] = []
+        memo, enc = self._memo, self.tokenizer.encode
+        for n, c in enumerate(text.split(" ")):
+            c = " " + c if n else c
+            ids = memo.get(c)
+            if ids is None:
+                if len(memo) >= self.max_entries:
+                    memo.clear()
+                ids = memo[c] = enc(c, add_special_tokens=False)
+            out += ids
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not self.chunked:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return (self.bos if add_special_tokens else []) + self._chunks(text)
+
+
+def generate(task: str, length: int, seed: int, tokenizer, *, allow_longer: bool = False,
+             slack: int = 0) -> SyntheticExample:
     """The example of `task` with the most filler such that BOS + prompt + answer + EOS <= length tokens.
-    A length below the task's minimum (no filler at all) raises, or with allow_longer gives the no-filler one."""
+    A length below the task's minimum (no filler at all) raises, or with allow_longer gives the no-filler one.
+    slack > 0 (training) accepts any fit within `slack` tokens of the length: fewer trial builds."""
     if task not in _BUILDERS:
         raise ValueError(f"unknown synthetic task {task!r} (tasks: {', '.join(TRAIN_TASKS)})")
     build = _BUILDERS[task]
@@ -217,30 +253,34 @@ def generate(task: str, length: int, seed: int, tokenizer, *, allow_longer: bool
             prompt, answer, answers = cache[0][1]
             return SyntheticExample(task, length, seed, prompt, answer, answers)
         raise ValueError(f"{task}: length {length} is below the task's minimum of {count(0)} tokens")
-    n = _fit(count, length)
+    n = _fit(count, length, slack)
     prompt, answer, answers = cache[n][1]
     return SyntheticExample(task, length, seed, prompt, answer, answers)
 
 
-def _fit(count: Callable[[int], int], budget: int) -> int:
+def _fit(count: Callable[[int], int], budget: int, slack: int = 0) -> int:
     """Largest n with count(n) <= budget, for a count that grows about linearly in n: secant steps from a
-    per-unit estimate, then a bisection between the best bounds seen."""
+    per-unit estimate, then a bisection between the best bounds seen. With slack, any n with
+    budget - slack <= count(n) <= budget is returned as soon as it is seen."""
     base = count(0)
     per = max((count(8) - base) / 8, 1.0)
     lo, hi = 0, None  # count(lo) <= budget; count(hi) > budget
-    n = int((budget - base) / per)
+    target = budget - slack // 2
+    n = int((target - base) / per)
     for _ in range(6):
         n = max(n, lo + 1) if hi is None else min(max(n, lo + 1), hi - 1)
         if hi is not None and n >= hi:
             break
         c = count(n)
+        if budget - slack <= c <= budget and slack > 0:
+            return n
         if c <= budget:
             lo = n
         else:
             hi = n
         if hi is not None and hi - lo <= 1:
             return lo
-        n = n + int((budget - c) / per) + (1 if c <= budget else -1)
+        n = n + int((target - c) / per) + (1 if c <= budget else -1)
     if hi is None:
         hi = lo + 1
         while count(hi) <= budget:

@@ -11,6 +11,7 @@ so [tokens, vocab] fp32 logits never exist at once.
 from __future__ import annotations
 
 import json
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -99,8 +100,8 @@ class Trainer:
         self.config = self.lm.config
         self.lm.requires_grad_(True).train()
         self.lm.model.gradient_checkpointing = r.activation_checkpointing
-        self.module = D.wrap(LossModule(self.lm, cfg.model.attention, r.loss_chunk), self.info, r.parallel,
-                             self.lm.model.layers)
+        self.loss_module = LossModule(self.lm, cfg.model.attention, r.loss_chunk)
+        self.module = D.wrap(self.loss_module, self.info, r.parallel, self.lm.model.layers)
         self.fsdp = D.is_fsdp(self.module)
         o = cfg.optim
         groups = mup_param_groups(self.lm, o.lr, o.weight_decay, config=self.config, mup=cfg.model.mup_lr)
@@ -194,6 +195,7 @@ class Trainer:
         n_global = sum(int((r.labels != IGNORE).sum()) for r in rows)
         scale = info.world / max(n_global, 1)
         loss_sum = torch.zeros((), device=self.device)
+        attention = self.loss_module.attention = self.step_attention(self.step)
         for a in range(accum):
             ids, labels, cu = collate(mine[a * micro: (a + 1) * micro], self.device)
             with D.no_sync(self.module, a < accum - 1):
@@ -213,8 +215,17 @@ class Trainer:
         self.step += 1
         docs = [int(b - a) for r in rows for a, b in zip(r.cu_seqlens[:-1], r.cu_seqlens[1:])]
         return {"step": self.step, "loss": float(loss_sum) / max(n_global, 1), "lr": lr, "grad_norm": float(gnorm),
-                "tokens": len(rows) * self.cfg.data.seq_len, "flops": step_flops(self.config, docs,
-                                                                                  self.cfg.model.attention)}
+                "tokens": len(rows) * self.cfg.data.seq_len, "flops": step_flops(self.config, docs, attention),
+                "dense": attention == "dense"}
+
+    def step_attention(self, step: int) -> str:
+        """model.attention, or "dense" for the model.dense_fraction share of steps (a coin seeded by run.seed and
+        the step, the same on every rank and after a resume): one set of weights trained for both modes."""
+        m = self.cfg.model
+        if m.dense_fraction > 0 and m.attention != "dense":
+            if random.Random(self.cfg.run.seed * 1_000_003 + step).random() < m.dense_fraction:
+                return "dense"
+        return m.attention
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -226,6 +237,7 @@ class Trainer:
         rows = self._eval_rows
         mine = rank_slice(rows, self.info.rank, self.info.world)
         total = torch.zeros((), device=self.device)
+        self.loss_module.attention = self.cfg.model.attention
         self.module.eval()
         for r in mine:
             ids, labels, cu = collate([r], self.device)
@@ -290,16 +302,18 @@ class Trainer:
         bar = tqdm(total=r.steps, initial=self.step, disable=not (r.progress and info.main), desc="train",
                    unit="step", dynamic_ncols=True)
         last: dict = {}
-        t_log, tok_log, flops_log = time.perf_counter(), 0, 0.0
+        t_log, tok_log, flops_log, losses = time.perf_counter(), 0, 0.0, []
         while self.step < r.steps:
             rec = self.step_on(self.packer.rows(self.global_rows))
             tok_log += rec["tokens"]
             flops_log += rec["flops"]
+            losses.append(rec["loss"])
             if self.step % r.log_every == 0 or self.step == r.steps:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t_log
                 rec = {k: v for k, v in rec.items() if k not in ("tokens", "flops")}
+                rec["loss_mean"] = sum(losses) / len(losses)  # over the steps since the last record
                 rec["tokens_per_s"] = tok_log / dt
                 if self.peak:
                     rec["mfu"] = flops_log / dt / (self.peak * info.world)
@@ -307,7 +321,7 @@ class Trainer:
                 log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 last = rec
-                t_log, tok_log, flops_log = time.perf_counter(), 0, 0.0
+                t_log, tok_log, flops_log, losses = time.perf_counter(), 0, 0.0, []
             bar.update(1)
             if r.eval_every and self.step % r.eval_every == 0:
                 last = {**last, "eval_loss": self.evaluate()}
