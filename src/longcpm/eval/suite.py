@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..errors import LongcpmError
-from ..train.synthetic import EVAL_SEED_START, TASKS, generate
+from ..train.synthetic import EVAL_SEED_START, TASKS, ChunkEncoder, generate
 from .scoring import score
 
 MODES = ("dense", "sparse", "auto")
@@ -206,8 +206,9 @@ def run_suite(llm_or_path, tasks: Iterable[str] | str = TASKS, lengths: Iterable
                     records.append(_record(model_name, task, length, mode, skipped=why))
                     continue
                 if (task, length) not in examples:
+                    enc = ChunkEncoder(llm.tokenizer)  # the tokenizer's ids, faster: sizing encodes many times
                     try:
-                        examples[task, length] = [generate(task, length, s, llm.tokenizer) for s in seeds]
+                        examples[task, length] = [generate(task, length, s, enc) for s in seeds]
                     except ValueError as e:  # below the task's minimum length
                         examples[task, length] = str(e)
                 exs = examples[task, length]

@@ -9,6 +9,7 @@ backends that do not build a cuDNN graph per new length.
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,8 @@ def _varlen():
     return varlen_attn, causal, "enable_gqa" in params
 
 
-_VARLEN = _varlen()
+# LONGCPM_PACKED_VARLEN=0 turns the varlen path off (a torch whose varlen_attn misbehaves)
+_VARLEN = _varlen() if os.environ.get("LONGCPM_PACKED_VARLEN", "1") != "0" else None
 
 
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

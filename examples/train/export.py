@@ -1,7 +1,7 @@
 """Copy a trained model folder in another dtype and shard size: the packaged bf16 copy of needle-11m, or an fp32
 copy cut into shards small enough to move between machines.
 
-    python examples/train/needle-11m/export.py runs/needle-11m/3_long_sparse/final src/longcpm/assets/needle-11m
+    python examples/train/export.py runs/needle-11m/3_long_sparse/final src/longcpm/assets/needle-11m
 """
 
 import argparse
