@@ -4,7 +4,8 @@
 #   train: the stages in STAGES (default "1 2"). BUDGETs (seconds) become run.steps from a 40-step calibration of
 #          that stage (the rate of its last 10 steps); STEPSs fix them instead. FROM=folder starts the first stage
 #          listed from that model (e.g. a carried copy of an earlier stage). The last stage's final model comes back
-#          as bf16 safetensors shards of <= 15 MiB in $OUT/model (device files come back <= 16 MiB each).
+#          as a tar of the bf16 folder in 15 MiB parts, $OUT/model.tar.part-* (device files come back <= 16 MiB
+#          each, 8 files at most); unpack with: cat model.tar.part-* | tar -xf -
 #          A warm machine keeps runs/: FRESH=1 clears it, else the trainer would resume from it.
 #   eval:  the quality table of MODEL (dense vs sparse) at LENGTHS with SEEDS seeds, written to $OUT/quality.json
 set -o pipefail
@@ -49,7 +50,9 @@ for x in r[:: max(1, len(r) // 12)] + r[-1:]:
 PY
     prev=runs/$RECIPE/$name/final
   done
-  python3 examples/train/export.py "$prev" "$OUT/model" --dtype bfloat16 --shard-mb 15 ;;
+  # the embedding table alone is over the per-file limit: a tar of the bf16 folder, cut into 15 MiB parts
+  rm -rf /tmp/export && python3 examples/train/export.py "$prev" /tmp/export/model --dtype bfloat16
+  tar -C /tmp/export -cf - model | split -b 15m - "$OUT/model.tar.part-" ;;
 eval)
   MODEL=${MODEL:-src/longcpm/assets/$RECIPE}
   timeout ${EVAL_TIMEOUT:-540} python3 -m longcpm.cli.main eval --model "$MODEL" --tasks all \

@@ -19,7 +19,10 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # (the eval tasks give one short answer each). It is not part of the eval suite.
 # copy: a random list to repeat verbatim, every copied token an induction target; a warm-up that forms the
 # copying heads the retrieval tasks need long before their sparse answer tokens alone would.
-TRAIN_TASKS = TASKS + ("kv_recall", "copy")
+# kv_query: the multi-key needle with every key asked in turn (the eval's question wording), so each document
+# trains the key-matching step several times instead of once. vt_hops: variable tracking with 1-4 hops, a
+# curriculum for the multi-hop eval task.
+TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops")
 EVAL_SEED_START = 10**6
 
 _NOUNS = ("river", "mountain", "garden", "teacher", "window", "engine", "forest", "village", "market", "letter",
@@ -193,9 +196,27 @@ def _copy(rng: random.Random, n: int):
     return f"Repeat the following list exactly.\n{listing}\nThe list again:", f" {listing}.", (listing,)
 
 
+def _kv_query(rng: random.Random, n: int):
+    used: set[str] = set()
+    pairs = [(_key(rng, used), _number(rng)) for _ in range(rng.randint(2, 8))]
+    needles = [(rng.random(), f"One of the special magic numbers for {k} is: {v}.") for k, v in pairs]
+    hay = _haystack(rng, n, needles)
+    order = rng.sample(pairs, len(pairs))
+    ask = "The special magic number for {} mentioned in the provided text is"
+    prompt = (f"Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+              f"I will quiz you about the numbers afterwards.\n\n{hay}\n\nQuestions and answers:\n"
+              + ask.format(order[0][0]))
+    rest = "".join(f" {ask.format(k)} {v}." for k, v in order[1:])
+    return prompt, f" {order[0][1]}.{rest}", tuple(v for _, v in order)
+
+
+def _vt_hops(rng: random.Random, n: int):
+    return _variable_tracking(rng, n, hops=rng.randint(1, 4))
+
+
 _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
                                   "variable_tracking": _variable_tracking, "common_words": _common_words,
-                                  "kv_recall": _kv_recall, "copy": _copy}
+                                  "kv_recall": _kv_recall, "copy": _copy, "kv_query": _kv_query, "vt_hops": _vt_hops}
 
 
 class ChunkEncoder:
