@@ -55,7 +55,7 @@ PY
   tar -C /tmp/export -cf - model | split -b 15m - "$OUT/model.tar.part-" ;;
 eval)
   MODEL=${MODEL:-src/longcpm/assets/$RECIPE}
-  timeout ${EVAL_TIMEOUT:-540} python3 -m longcpm.cli.main eval --model "$MODEL" --tasks all \
+  timeout ${EVAL_TIMEOUT:-540} python3 -m longcpm.cli.main eval --model "$MODEL" --tasks ${TASKS:-all} \
     --lengths ${LENGTHS:-4K,8K,16K,32K,64K} --seeds ${SEEDS:-10} --attention dense,sparse \
     --out "$OUT/quality.json" 2>&1 | tail -${TAIL:-60} ;;
 esac

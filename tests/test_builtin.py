@@ -16,7 +16,7 @@ from longcpm.models import builtin
 from longcpm.models import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "needle-11m"
+NAME = "needle-27m"
 
 
 def call(capsys, *argv: str) -> tuple[int, str, str]:
@@ -42,7 +42,7 @@ def test_resolution_rules(tmp_path, monkeypatch):
     shipped = asset_dir(NAME)
     assert builtin.resolve_model_path(NAME) == str(shipped)
     assert ckpt.resolve_model_path(NAME) == shipped
-    for other in ("some/folder", "openbmb/MiniCPM4-0.5B", "./needle-11m", "tiny"):
+    for other in ("some/folder", "openbmb/MiniCPM4-0.5B", "./needle-27m", "tiny"):
         assert builtin.resolve_model_path(other) == other  # everything else unchanged
     assert builtin.resolve_model_path(Path("x") / "y") == str(Path("x") / "y")
     # an existing local folder with a built-in's name wins
@@ -52,7 +52,7 @@ def test_resolution_rules(tmp_path, monkeypatch):
 
 
 def test_unknown_name_lists_builtins():
-    with pytest.raises(CheckpointError, match=r"needle-1m: no such model folder .*built-in name: needle-11m"):
+    with pytest.raises(CheckpointError, match=r"needle-1m: no such model folder .*built-in name: needle-27m"):
         ckpt.resolve_model_path("needle-1m")
 
 
@@ -67,7 +67,7 @@ def test_load_model_and_llm_by_name():
     from longcpm import LLM, SamplingParams, load_model
 
     m = load_model(NAME)
-    assert m.config.hidden_size == 128 and m.config.sparse_config is not None and m.source_dir == asset_dir(NAME)
+    assert m.config.hidden_size == 256 and m.config.sparse_config is not None and m.source_dir == asset_dir(NAME)
     llm = LLM(NAME, device="cpu", max_model_len=128)
     out = llm.generate("The pass key is", SamplingParams(temperature=0, max_tokens=3))[0]
     assert out.num_generated_tokens >= 1
@@ -84,7 +84,7 @@ def test_cli_accepts_the_name(capsys):
     code, out, err = call(capsys, "info")
     assert code == 0 and NAME in out and "built-in models" in out
     code, out, err = call(capsys, "generate", "--model", "needle-1m", "--prompt", "hi")
-    assert code == 2 and "built-in name: needle-11m" in err and err.count("\n") == 1
+    assert code == 2 and "built-in name: needle-27m" in err and err.count("\n") == 1
 
 
 def test_eval_accepts_the_name(capsys):

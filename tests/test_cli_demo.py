@@ -1,4 +1,4 @@
-"""`longcpm demo`: the built-in needle-11m model finds a pass key hidden in a long document, dense and sparse."""
+"""`longcpm demo`: the built-in needle-27m model finds a pass key hidden in a long document, dense and sparse."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_demo_runs_both_modes(capsys):
     code, out, err = call(capsys, "demo", "--length", "512", "--device", "cpu")
     assert code == 0, err  # a wrong answer still exits 0 (the stand-in weights may be random)
     head, key_line = out.splitlines()[:2]
-    assert head.startswith("needle-11m (11.5M params, InfLLM-V2 topk 16 x 64 + window 512), passkey at ")
+    assert head.startswith("needle-27m (27.5M params, InfLLM-V2 topk 16 x 64 + window 512), passkey at ")
     assert head.endswith(" tokens, cpu")
     assert re.match(r"hidden pass key: \d{5} \(at \d+% of the document\)$", key_line)
     found = lines(out)
@@ -52,7 +52,7 @@ def test_demo_one_mode_and_options(capsys):
     (("--seed", "5"), f"held-out range >= {EVAL_SEED_START}"),
     (("--length", "10"), "below the task's minimum"),
     (("--length", "10000000"), "exceeds the model's max_position_embeddings"),
-    (("--model", "needle-1m"), "built-in name: needle-11m"),
+    (("--model", "needle-1m"), "built-in name: needle-27m"),
 ])
 def test_demo_user_errors(capsys, argv, message):
     code, out, err = call(capsys, "demo", "--device", "cpu", *argv)
@@ -61,7 +61,7 @@ def test_demo_user_errors(capsys, argv, message):
 
 @pytest.mark.parametrize("seed", ["1000000", "1000001", "1000002"])
 def test_demo_finds_the_pass_key(capsys, seed):
-    """The trained needle-11m finds held-out pass keys in both modes (2,048 tokens: sparse from 1 init block,
+    """The trained needle-27m finds held-out pass keys in both modes (2,048 tokens: sparse from 1 init block,
     top-k and the 512-token window out of 32 blocks)."""
     code, out, err = call(capsys, "demo", "--length", "2048", "--device", "cpu", "--seed", seed)
     found = lines(out)

@@ -76,8 +76,8 @@ def torch_block_sparse(q, k, v, block_idx, bs, window_blocks=0, dtype=None):
 
 def check_close(out, exact, pt, what=""):
     """|out - exact| <= 2 |pt - exact| + 2 * (rounding of exact to out's dtype) + 1e-6."""
+    rnd = (exact.to(out.dtype).double() - exact.double()).abs().max().item()  # before out becomes float64
     out, exact, pt = out.double(), exact.double(), pt.double()
     assert not torch.isnan(out).any(), f"{what}: NaN in output"
-    rnd = (exact.to(out.dtype) - exact).abs().max().item()
     err, err_pt = (out - exact).abs().max().item(), (pt - exact).abs().max().item()
     assert err <= 2 * err_pt + 2 * rnd + 1e-6, f"{what}: kernel error {err:.3g} vs torch {err_pt:.3g}"

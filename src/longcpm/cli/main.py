@@ -12,16 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-# `longcpm demo` document lengths: both modes in ~20 s on a 2-core CPU (16384: 30-40 s, sparse ~3x faster); the GPU
-# default is the longest length needle-11m was trained at
+# `longcpm demo` document lengths: 8K keeps both modes well under a minute on a 2-core CPU; the GPU default is the
+# longest length needle-27m was trained at (passkey 10/10 in both modes there, docs/quality.md)
 DEMO_LENGTH_CPU = 8192
-DEMO_LENGTH_GPU = 8192  # needle-11m's sparse mode is reliable only at short lengths yet (docs/quality.md)
+DEMO_LENGTH_GPU = 32768
 
 
 def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, help="checkpoint folder, Hugging Face hub id, or built-in model "
-                                                      "name, e.g. needle-11m (`longcpm info` lists them)")
+                                                      "name, e.g. needle-27m (`longcpm info` lists them)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (checkpoint dtype on CUDA, float32 on CPU), float32, "
                                                    "bfloat16, float16")
@@ -77,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", help="checkpoint folder, hub id or built-in model name")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="find a pass key hidden in a long document with the built-in needle-11m "
+    d = sub.add_parser("demo", help="find a pass key hidden in a long document with the built-in needle-27m "
                                     "model, with sparse and with dense attention",
                        description="Builds a long document with a hidden pass key (a held-out example of the "
                                    "synthetic passkey task), asks the model for it greedily with each attention "
                                    "mode, and prints the answers and the times (prefill + generation).")
-    d.add_argument("--model", default="needle-11m", help="built-in name, checkpoint folder or hub id "
-                                                         "(default needle-11m)")
+    d.add_argument("--model", default="needle-27m", help="built-in name, checkpoint folder or hub id "
+                                                         "(default needle-27m)")
     d.add_argument("--length", type=int, help=f"document length in tokens (default {DEMO_LENGTH_CPU} on CPU, "
                                                f"{DEMO_LENGTH_GPU} on CUDA)")
     d.add_argument("--attention", choices=("both", "dense", "sparse"), default="both")

@@ -60,7 +60,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                               description="Exact-match accuracy on held-out synthetic tasks (passkey, multi-key and "
                                           "multi-value needles, variable tracking, common words) at each length, "
                                           "in each attention mode, with greedy decoding.")
-    e.add_argument("--model", help="checkpoint folder, hub id or built-in name such as needle-11m (required "
+    e.add_argument("--model", help="checkpoint folder, hub id or built-in name such as needle-27m (required "
                                    "unless --show)")
     e.add_argument("--tasks", default="all", help="comma list: passkey, niah_multikey (multikey), niah_multivalue "
                                                   "(multivalue), variable_tracking (vt), common_words (cwe), or all")

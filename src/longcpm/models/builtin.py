@@ -1,9 +1,9 @@
 """Built-in models: small trained checkpoints shipped inside the package (longcpm/assets), usable by a short name
-wherever a model folder or hub id is accepted: `longcpm generate --model needle-11m`, `LLM("needle-11m")`,
-`load_model("needle-11m")`, `longcpm eval --model needle-11m`.
+wherever a model folder or hub id is accepted: `longcpm generate --model needle-27m`, `LLM("needle-27m")`,
+`load_model("needle-27m")`, `longcpm eval --model needle-27m`.
 
 Name resolution: an existing local folder wins over a built-in of the same name (as it does over a hub id), so
-`./needle-11m` in the working directory shadows the built-in; the listing (`longcpm info`) shows what a name
+`./needle-27m` in the working directory shadows the built-in; the listing (`longcpm info`) shows what a name
 resolves to. Any other string is returned unchanged, for the caller to treat as a folder or hub id.
 """
 
@@ -24,10 +24,10 @@ class BuiltinModel:
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "needle-11m": BuiltinModel(
-        "needle-11m",
-        "11.5M-parameter MiniCPM4 (6 layers, hidden 128) trained on RULER-style passkey/needle tasks; "
-        "InfLLM-V2 sparse_config; `longcpm demo` runs it"),
+    "needle-27m": BuiltinModel(
+        "needle-27m",
+        "27.5M-parameter MiniCPM4 (8 layers, hidden 256, GQA 8:1) trained dense then InfLLM-V2 sparse on "
+        "RULER-style tasks up to 32K tokens; `longcpm demo` runs it"),
 }
 
 

@@ -131,7 +131,7 @@ def build_model(config: ModelConfig, device="meta") -> MiniCPM4ForCausalLM:
 
 def load_model(path, device=None, dtype=None, *, sparse_config: SparseConfig | dict | None | str = "config",
                progress: bool | None = None) -> MiniCPM4ForCausalLM:
-    """Load a MiniCPM-family checkpoint folder (or hub id, or built-in name such as "needle-11m") into an eval-mode
+    """Load a MiniCPM-family checkpoint folder (or hub id, or built-in name such as "needle-27m") into an eval-mode
     torch.nn.Module.
 
     sparse_config: "config" keeps the checkpoint's; None forces dense; a SparseConfig/dict replaces it.

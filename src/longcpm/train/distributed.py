@@ -68,10 +68,13 @@ def wrap(module: nn.Module, info: DistInfo, parallel: str, layers: nn.ModuleList
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
     if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        # an explicit mesh on the run's device: the default picks CUDA whenever it exists, even for a CPU run
+        mesh = init_device_mesh(info.device.type, (info.world,))
         for layer in layers if layers is not None else []:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
         return module
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 
