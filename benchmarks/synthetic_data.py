@@ -54,7 +54,7 @@ def main() -> None:
         n = a.docs if hi <= 4096 else max(a.docs // 4, 8)
         src = SyntheticSource(tok, tasks=TRAIN_TASKS, min_len=lo, max_len=hi, loss="answer", seed=1)
         rates = {}
-        for path, fn in (("exact", lambda k: exact_doc(tok, src, k)), ("training", lambda k: len(src.make(k)[0]))):
+        for path, fn in (("exact", lambda k, s=src: exact_doc(tok, s, k)), ("training", lambda k, s=src: len(s.make(k)[0]))):
             t0, tokens = time.perf_counter(), 0
             for k in range(n):
                 tokens += fn(k)

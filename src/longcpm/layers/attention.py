@@ -105,16 +105,11 @@ class Attention(nn.Module):
             kk, vv = cache.k[:, :Tk], cache.v[:, :Tk]
             totals = torch.tensor(meta.total_lens, device=q.device)
         mask = meta.cached("dense_mask", lambda: _dense_mask(meta.positions, totals, kk.shape[1]))
-        with sdpa_kernel(_MASKED_BACKENDS):
+        with sdpa_kernel(MASKED_BACKENDS):  # no cuDNN graph build per new length (ops/packed.py)
             o = F.scaled_dot_product_attention(qt, kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=mask,
                                                enable_gqa=True)
         return o.transpose(1, 2)
 
-
-# cuDNN rebuilds its execution graph for every new sequence length (milliseconds to 100+ ms of CPU per call): in
-# decode every step, in packed training every document. Measured on H200: dense training of needle-11m at 4K rows
-# ran at 17K-25K tokens/s with cuDNN chosen, 316K without (benchmarks/results/needle-11m-*.jsonl).
-_MASKED_BACKENDS = MASKED_BACKENDS
 
 
 def _dense_mask(positions: torch.Tensor, totals: torch.Tensor, Tk: int) -> torch.Tensor:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-# the model's dense cache path uses these (cuDNN rebuilds a graph per key length); same backends, same numbers
-_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# the model's dense cache path uses the same backends (cuDNN rebuilds a graph per key length): same numbers
+from ..packed import MASKED_BACKENDS
 
 
 def token_slots(block_tables: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     n, L = q.shape[1], k.shape[1]
     pos = torch.arange(past, past + n, device=q.device)
     mask = (torch.arange(L, device=q.device)[None, :] <= pos[:, None])[None, None]
-    with sdpa_kernel(_MASKED_BACKENDS):
+    with sdpa_kernel(MASKED_BACKENDS):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            enable_gqa=True)
     return o.transpose(1, 2)
