@@ -199,6 +199,7 @@ def run_suite(llm_or_path, tasks: Iterable[str] | str = TASKS, lengths: Iterable
         if sparse is None and mode != "dense":
             say(f"note: the model has no sparse_config, so attention={mode} runs dense")
         warm = not warmup
+        enc = ChunkEncoder(llm.tokenizer)  # the tokenizer's ids, faster: sizing an example encodes it many times
         for length in lengths:
             for task in tasks:
                 if length > llm.max_model_len:
@@ -206,7 +207,6 @@ def run_suite(llm_or_path, tasks: Iterable[str] | str = TASKS, lengths: Iterable
                     records.append(_record(model_name, task, length, mode, skipped=why))
                     continue
                 if (task, length) not in examples:
-                    enc = ChunkEncoder(llm.tokenizer)  # the tokenizer's ids, faster: sizing encodes many times
                     try:
                         examples[task, length] = [generate(task, length, s, enc) for s in seeds]
                     except ValueError as e:  # below the task's minimum length
