@@ -1,7 +1,9 @@
 """CPU checks of the built-in needle-27m behind figures in docs/quality.md:
 
-  multikey_probe   held-out niah_multikey examples (600 tokens): which needle's number the model's first answer
-                   token points at (the queried key's, the first in the document, the last), dense, fp32
+  multikey_probe   held-out niah_multikey examples (600 tokens): which needle's number the model rates the most
+                   likely reply (the queried key's, the first in the document, the last), dense, fp32
+  answer_logprobs  teacher-forced log-probability of each answer token (and the model's own top token) for one
+                   held-out example of common words (400, 2600 tokens) and variable tracking (600), dense, fp32
   demo             `longcpm demo` times (prefill + generation, after its warm-up) and correctness at 8K and 16K,
                    dense and sparse, as the demo runs them
 
@@ -42,18 +44,37 @@ def multikey_probe(folder: Path, seeds: int) -> dict:
     for seed in range(EVAL_SEED_START + 100, EVAL_SEED_START + 100 + seeds):
         ex = generate("niah_multikey", 600, seed, tok)
         needles = NEEDLE.findall(ex.prompt)  # (key, number) in document order
-        with torch.no_grad():
-            logits = model(torch.tensor([tok.encode(ex.prompt)]))[0, -1]
+        base = tok.encode(ex.prompt)
 
-        def first_token(number: str) -> int:  # the first token that tells the numbers apart (after a bare space)
-            ids = tok.encode(" " + number, add_special_tokens=False)
-            return ids[1] if tok.convert_ids_to_tokens(ids[0]) == "▁" and len(ids) > 1 else ids[0]
-        pick = max(needles, key=lambda kv: logits[first_token(kv[1])].item())
+        def logprob(number: str, prompt: str = ex.prompt, base: list[int] = base) -> float:
+            # the whole reply " <number>" scored after the prompt, teacher-forced
+            ids = tok.encode(prompt + " " + number)[len(base):]
+            with torch.no_grad():
+                logp = model(torch.tensor([base + ids]))[0, len(base) - 1: -1].log_softmax(-1)
+            return sum(logp[i, t].item() for i, t in enumerate(ids))
+        scores = [logprob(v) for _, v in needles]
+        pick = needles[max(range(len(needles)), key=scores.__getitem__)]
         counts["queried"] += pick[1] == ex.answers[0]
         counts["first_in_document"] += pick == needles[0]
         counts["last_in_document"] += pick == needles[-1]
     return {"length": 600, "seeds": seeds, "picked": counts,
-            "note": "numbers sharing a first digit tie; max picks the first of them in document order"}
+            "rule": "the needle whose whole number has the highest log-probability as the reply"}
+
+
+def answer_logprobs(folder: Path, cases=(("common_words", 400), ("common_words", 2600),
+                                          ("variable_tracking", 600))) -> list[dict]:
+    model = load_model(folder, device="cpu", dtype=torch.float32)
+    tok = load_tokenizer(folder)
+    out = []
+    for task, length in cases:
+        ex = generate(task, length, EVAL_SEED_START + 3, tok)
+        base, full = tok.encode(ex.prompt), ex.token_ids(tok)
+        with torch.no_grad():
+            logp = model(torch.tensor([full]))[0].log_softmax(-1)
+        tokens = [{"token": tok.convert_ids_to_tokens(full[i]), "logprob": round(logp[i - 1, full[i]].item(), 3),
+                   "top": tok.convert_ids_to_tokens(int(logp[i - 1].argmax()))} for i in range(len(base), len(full))]
+        out.append({"task": task, "length": length, "seed": EVAL_SEED_START + 3, "tokens": tokens})
+    return out
 
 
 def demo(folder: Path, lengths: list[int]) -> list[dict]:
@@ -80,11 +101,15 @@ def main() -> None:
     folder = builtin_path("needle-27m")
     probe = multikey_probe(folder, a.seeds)
     print(probe, flush=True)
+    answers = answer_logprobs(folder)
+    for a_ in answers:
+        print(a_["task"], a_["length"], [(t["token"], t["logprob"]) for t in a_["tokens"]][:12], flush=True)
     runs = demo(folder, [int(x) for x in a.lengths.split(",")])
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "model": "needle-27m"}
     path = Path(__file__).resolve().parent / "results" / "needle-27m-cpu-checks.json"
-    path.write_text(json.dumps({"metadata": meta, "multikey_probe": probe, "demo": runs}, indent=1) + "\n")
+    path.write_text(json.dumps({"metadata": meta, "multikey_probe": probe, "answer_logprobs": answers,
+                                     "demo": runs}, indent=1) + "\n")
     print(f"wrote {path}")
 
 

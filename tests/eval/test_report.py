@@ -6,6 +6,7 @@ import pytest
 
 from longcpm.eval import EvalError, format_table, load_json, summary, timing, write_json
 from longcpm.eval.report import REQUIRED, SCHEMA, length_label, metadata
+from longcpm.train.synthetic import SUITE_VERSION
 
 
 def rec(task, length, mode, acc, prefill=10.0, used=None, skipped=None):
@@ -70,6 +71,7 @@ def test_json_roundtrip(tmp_path):
     meta = metadata("m", {"config": {"hidden_size": 8}, "sparse_config": None, "device": "cpu"}, tasks=["passkey"],
                     lengths=[4096], seeds=[10**6], attention_modes=["dense", "sparse"], max_new_tokens=None)
     assert {"versions", "seeds", "scoring", "config", "sparse_config", "model"} <= set(meta)
+    assert meta["suite"] == SUITE_VERSION >= 2  # results files say which generator made their examples
     path = write_json(tmp_path / "sub" / "r.json", RECORDS, meta)
     doc = json.loads(path.read_text())
     assert doc["schema"] == SCHEMA and doc["records"] == RECORDS and doc["metadata"]["seeds"] == [10**6]

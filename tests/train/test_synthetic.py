@@ -3,8 +3,9 @@ is in the prompt, eval seeds are refused by training sources."""
 
 import pytest
 
+from longcpm.train import synthetic
 from longcpm.train.data import SyntheticSource
-from longcpm.train.synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, ChunkEncoder, generate, word
+from longcpm.train.synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, ChunkEncoder, generate, word, word_list
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -93,3 +94,20 @@ def test_slack_fit_stays_inside_the_slack(task, tokenizer):
         n = len(ex.token_ids(tokenizer))
         exact = len(generate(task, length, 3, tokenizer).token_ids(tokenizer))
         assert length - length // 64 - 40 <= n <= exact <= length, (length, n, exact)
+
+
+def test_word_list_is_single_token_and_outside_the_filler(tokenizer):
+    words = word_list()
+    assert len(words) > 5000 and len(set(words)) == len(words)
+    filler = set(synthetic._NOUNS + synthetic._ADJS + synthetic._VERBS + synthetic._PREPS)
+    assert not filler & set(words)
+    for w in words[:: len(words) // 300]:  # a spread sample: each is one token after a space
+        assert len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1, w
+    mk = generate("niah_multikey", 900, 8, tokenizer)
+    key = mk.prompt.split("magic number for ")[-1].split(" mentioned")[0]
+    a, b = key.split("-")
+    assert a in words and b in words
+    haystack = mk.prompt.split("\n\n")[1]
+    assert haystack.count(key) == 1
+    cw = generate("common_words", 3000, 9, tokenizer)
+    assert all(w in words for w in cw.answers)

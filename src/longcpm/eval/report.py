@@ -12,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ..train.synthetic import SUITE_VERSION
 from .scoring import RULES
 from .suite import EvalError
 
@@ -120,7 +121,7 @@ def metadata(model, info: dict, *, tasks, lengths, seeds, attention_modes, max_n
 
     import longcpm
 
-    return {"model": str(model), **info, "tasks": list(tasks), "lengths": list(lengths), "seeds": list(seeds),
+    return {"model": str(model), **info, "suite": SUITE_VERSION, "tasks": list(tasks), "lengths": list(lengths), "seeds": list(seeds),
             "attention_modes": list(attention_modes), "max_new_tokens": max_new_tokens,
             "scoring": dict(RULES), "decoding": "greedy, one example per batch, prefix caching off",
             "versions": {"longcpm": longcpm.__version__, "torch": torch.__version__,

@@ -10,9 +10,11 @@ evaluation: training sources (`train.data.SyntheticSource`) refuse them.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
 # Training may also use kv_recall: every needle is a target, so retrieval gets many gradient signals per document
@@ -22,8 +24,14 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # kv_query: the multi-key needle with every key asked in turn (the eval's question wording), so each document
 # trains the key-matching step several times instead of once. vt_hops: variable tracking with 1-4 hops, a
 # curriculum for the multi-hop eval task.
-TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops")
+# cw_top: the common-word list with 1-10 common words and a wide frequency gap, for short documents: the eval
+# task asks for 3 words below ~2.5K tokens and 10 above, with a gap that shrinks as lists get short.
+TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top")
 EVAL_SEED_START = 10**6
+# Bumped whenever the same (task, length, seed) would give a different example; results files record it. Suite 2:
+# keys and common words come from words.txt (suite 1 drew keys from the filler's own words, common words from
+# multi-token syllable words).
+SUITE_VERSION = 2
 
 _NOUNS = ("river", "mountain", "garden", "teacher", "window", "engine", "forest", "village", "market", "letter",
           "bridge", "harbor", "library", "painter", "kitchen", "orchard", "lantern", "meadow", "captain", "castle",
@@ -65,12 +73,20 @@ def filler_sentence(rng: random.Random) -> str:
     return f"{c(_TIMES)}, one {c(_ADJS)} {c(_NOUNS)} {c(_VERBS)} the {c(_NOUNS)} {c(_PREPS)} the {c(_ADJS)} {c(_NOUNS)}."
 
 
+@functools.cache
+def word_list() -> tuple[str, ...]:
+    """The packaged list of single-token English words (examples/train/make_words.py wrote it from MiniCPM4's
+    tokenizer). None of them is a filler or prompt word."""
+    return tuple(Path(__file__).with_name("words.txt").read_text().split())
+
+
 def word(i: int) -> str:
-    """The i-th distinct word: the built-in lists first, then pronounceable syllable words."""
-    base = _NOUNS + _ADJS
-    if i < len(base):
-        return base[i]
-    i -= len(base)
+    """The i-th distinct word: the packaged list first, then pronounceable syllable words (only lengths far past
+    64K need those)."""
+    words = word_list()
+    if i < len(words):
+        return words[i]
+    i -= len(words)
     out = ""
     while True:
         out += _SYLLABLES[i % len(_SYLLABLES)]
@@ -85,8 +101,11 @@ def _number(rng: random.Random, digits: int = 7) -> str:
 
 
 def _key(rng: random.Random, used: set[str]) -> str:
+    # two list words: no key word occurs in the filler, as in RULER's noise haystack (keys made of filler words
+    # turned matching into finding a bigram among thousands of copies of its words)
+    words = word_list()
     while True:
-        k = f"{rng.choice(_ADJS)}-{rng.choice(_NOUNS)}"
+        k = f"{rng.choice(words)}-{rng.choice(words)}"
         if k not in used:
             used.add(k)
             return k
@@ -161,12 +180,12 @@ def _variable_tracking(rng: random.Random, n: int, hops: int = 4):
     return prompt, " " + " ".join(chain) + ".", tuple(chain)
 
 
-def _common_words(rng: random.Random, n: int):
+def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | None = None):
     # n = distinct rare words (2 copies each); the common ones appear more often than any rare word at any n
-    k = 10 if n >= 200 else 3
-    ids = rng.sample(range(max(4 * (n + k), 400)), n + k)
+    k = k if k is not None else 10 if n >= 200 else 3
+    ids = rng.sample(range(max(len(word_list()), n + k)), n + k)
     common, rare = [word(i) for i in ids[:k]], [word(i) for i in ids[k:]]
-    freq = 4 + n // 40
+    freq = freq if freq is not None else 4 + n // 40
     words = common * freq + rare * 2
     rng.shuffle(words)
     first = {w: words.index(w) for w in common}
@@ -176,6 +195,12 @@ def _common_words(rng: random.Random, n: int):
               f"ones that appear most often.\n{listing}\nQuestion: What are the {k} most common words in the above "
               f"list? Answer: The top {k} words that appear most often in the list are:")
     return prompt, " " + ", ".join(common) + ".", tuple(common)
+
+
+def _cw_top(rng: random.Random, n: int):
+    # the counting step alone: 1-10 common words, each 4-12 times as frequent as a rare word
+    k = rng.randint(1, 10)
+    return _common_words(rng, n, k=k, freq=rng.randint(8, 24))
 
 
 def _kv_recall(rng: random.Random, n: int):
@@ -216,7 +241,8 @@ def _vt_hops(rng: random.Random, n: int):
 
 _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
                                   "variable_tracking": _variable_tracking, "common_words": _common_words,
-                                  "kv_recall": _kv_recall, "copy": _copy, "kv_query": _kv_query, "vt_hops": _vt_hops}
+                                  "kv_recall": _kv_recall, "copy": _copy, "kv_query": _kv_query, "vt_hops": _vt_hops,
+                                  "cw_top": _cw_top}
 
 
 class ChunkEncoder:
