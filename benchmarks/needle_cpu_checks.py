@@ -4,12 +4,14 @@
                    likely reply (the queried key's, the first in the document, the last), dense, fp32
   answer_logprobs  teacher-forced log-probability of each answer token (and the model's own top token) for one
                    held-out example of common words (400, 2600 tokens) and variable tracking (600), dense, fp32
+  context_words    at the common-word answer position: mean log-probability of the answer words, the other list
+                   words in the context, and list words not in it (does the model copy? count?)
   demo             `longcpm demo` times (prefill + generation, after its warm-up) and correctness at 8K and 16K,
                    dense and sparse, as the demo runs them
 
 Writes benchmarks/results/needle-27m-cpu-checks.json. Run on an otherwise idle machine (timings).
 
-    python benchmarks/needle_cpu_checks.py [--seeds 40] [--lengths 8192,16384]
+    python benchmarks/needle_cpu_checks.py [--seeds 40] [--lengths 8192,16384] [--only context_words,...]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from longcpm.config import ModelConfig  # noqa: E402
 from longcpm.eval.scoring import score  # noqa: E402
 from longcpm.models.builtin import builtin_path  # noqa: E402
 from longcpm.text import load_tokenizer  # noqa: E402
-from longcpm.train.synthetic import EVAL_SEED_START, generate  # noqa: E402
+from longcpm.train.synthetic import EVAL_SEED_START, generate, word_list  # noqa: E402
 
 NEEDLE = re.compile(r"for ([a-z]+-[a-z]+) is: (\d+)\.")
 
@@ -93,23 +95,54 @@ def demo(folder: Path, lengths: list[int]) -> list[dict]:
     return out
 
 
+def context_words(folder: Path) -> list[dict]:
+    """At the common-word answer position: the mean log-probability of the answer words, of the other list words in
+    the context, and of 2,000 list words not in it. Counting puts the first above the second; copying puts both
+    above the third."""
+    model = load_model(folder, device="cpu", dtype=torch.float32)
+    tok = load_tokenizer(folder)
+    ids = {w: tok.encode(" " + w, add_special_tokens=False)[0] for w in word_list()}
+    out = []
+    for task, length in (("common_words", 600), ("common_words", 3000), ("cw_top", 800)):
+        ex = generate(task, length, EVAL_SEED_START + 5, tok, allow_longer=True)
+        with torch.no_grad():
+            logp = model(torch.tensor([tok.encode(ex.prompt)]))[0, -1].log_softmax(-1)
+        listed = set(ex.prompt.split("\n")[1].split()[1::2])
+        common = set(ex.answers)
+        absent = [w for w in word_list() if w not in listed][:2000]
+
+        def mean(words, logp=logp) -> float:
+            return round(sum(logp[ids[w]].item() for w in words) / len(words), 3)
+        out.append({"task": task, "length": length, "seed": EVAL_SEED_START + 5, "answer_words": mean(common),
+                    "other_words_in_context": mean(listed - common), "words_not_in_context": mean(absent),
+                    "top_token": tok.convert_ids_to_tokens(int(logp.argmax()))})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=40)
     p.add_argument("--lengths", default="8192,16384")
+    p.add_argument("--only", help="comma-separated sections to rerun, kept with the file's other sections "
+                                  "(multikey_probe, answer_logprobs, context_words, demo)")
     a = p.parse_args()
     folder = builtin_path("needle-27m")
-    probe = multikey_probe(folder, a.seeds)
-    print(probe, flush=True)
-    answers = answer_logprobs(folder)
-    for a_ in answers:
-        print(a_["task"], a_["length"], [(t["token"], t["logprob"]) for t in a_["tokens"]][:12], flush=True)
-    runs = demo(folder, [int(x) for x in a.lengths.split(",")])
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "model": "needle-27m"}
     path = Path(__file__).resolve().parent / "results" / "needle-27m-cpu-checks.json"
-    path.write_text(json.dumps({"metadata": meta, "multikey_probe": probe, "answer_logprobs": answers,
-                                     "demo": runs}, indent=1) + "\n")
+    sections = {"multikey_probe": lambda: multikey_probe(folder, a.seeds),
+                "answer_logprobs": lambda: answer_logprobs(folder), "context_words": lambda: context_words(folder),
+                "demo": lambda: demo(folder, [int(x) for x in a.lengths.split(",")])}
+    names = a.only.split(",") if a.only else list(sections)
+    unknown = [n for n in names if n not in sections]
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {', '.join(sections)}")
+    doc = json.loads(path.read_text()) if a.only and path.exists() else {}
+    for name in names:
+        doc[name] = sections[name]()
+        print(name, json.dumps(doc[name])[:600], flush=True)
+    doc["metadata"] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__, "model": "needle-27m",
+                       "last_rerun": names}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")
 
 
