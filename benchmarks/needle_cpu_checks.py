@@ -125,9 +125,11 @@ def main() -> None:
     p.add_argument("--lengths", default="8192,16384")
     p.add_argument("--only", help="comma-separated sections to rerun, kept with the file's other sections "
                                   "(multikey_probe, answer_logprobs, context_words, demo)")
+    p.add_argument("--model", help="a model folder (default: the built-in needle-27m)")
+    p.add_argument("--out", help="results file (default: benchmarks/results/needle-27m-cpu-checks.json)")
     a = p.parse_args()
-    folder = builtin_path("needle-27m")
-    path = Path(__file__).resolve().parent / "results" / "needle-27m-cpu-checks.json"
+    folder = Path(a.model) if a.model else builtin_path("needle-27m")
+    path = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / "needle-27m-cpu-checks.json"
     sections = {"multikey_probe": lambda: multikey_probe(folder, a.seeds),
                 "answer_logprobs": lambda: answer_logprobs(folder), "context_words": lambda: context_words(folder),
                 "demo": lambda: demo(folder, [int(x) for x in a.lengths.split(",")])}
@@ -140,7 +142,8 @@ def main() -> None:
         doc[name] = sections[name]()
         print(name, json.dumps(doc[name])[:600], flush=True)
     doc["metadata"] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                       "threads": torch.get_num_threads(), "torch": torch.__version__, "model": "needle-27m",
+                       "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "model": a.model or "needle-27m",
                        "last_rerun": names}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")
