@@ -2,9 +2,9 @@
 
 The list holds lowercase words of 4-9 letters that the tokenizer encodes as one token after a space, in vocabulary
 order, minus likely word stems (a word that starts a longer list word: "indust" for "industry"; real words such as
-"work" go too) and minus the filler's and the prompts' own words. Single-token words let a small model count and match whole words (the
-common-word task, the multi-key needles' keys) instead of syllable pieces; keys outside the filler's vocabulary are
-what RULER's noise haystack gives too. The shipped list comes from MiniCPM4's tokenizer:
+"work" go too) and minus the filler's and the prompts' own words. Single-token words let a small model count and
+match whole words (the common-word task, the multi-key needles' keys) instead of syllable pieces; keys outside the
+filler's vocabulary are what RULER's noise haystack gives too. The shipped list comes from MiniCPM4's tokenizer:
 
     python examples/train/make_words.py ../shared/checkpoints/minicpm4-0.5b
 """
@@ -19,20 +19,21 @@ from longcpm.train import synthetic
 
 
 def reserved_words() -> set[str]:
-    """Every word of the filler lists and of the task templates (built on a seed with no filler)."""
+    """Every word of the filler lists and of the task templates: the words common to each task's texts for three
+    seeds with no filler (keys, numbers and listed words differ between seeds, the templates do not)."""
     text = " ".join(synthetic._NOUNS + synthetic._ADJS + synthetic._VERBS + synthetic._PREPS + synthetic._TIMES)
+    words = set(re.findall(r"[a-z]+", text.lower()))
     for task in synthetic.TRAIN_TASKS:
-        prompt, answer, _ = synthetic._BUILDERS[task](synthetic.random.Random(0), 0)
-        text += " " + prompt + answer
-    return set(re.findall(r"[a-z]+", text.lower()))
+        seen = []
+        for seed in range(3):
+            prompt, answer, _ = synthetic._BUILDERS[task](synthetic.random.Random(seed), 0)
+            seen.append(set(re.findall(r"[a-z]+", (prompt + answer).lower())))
+        words |= set.intersection(*seen)
+    return words
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("tokenizer", help="a folder with the tokenizer files")
-    p.add_argument("--out", default=str(Path(synthetic.__file__).with_name("words.txt")))
-    args = p.parse_args()
-    tok = load_tokenizer(args.tokenizer)
+def build(tok) -> list[str]:
+    """The word list for a tokenizer, by the rule above."""
     piece = re.compile("\u2581([a-z]{4,9})")  # SentencePiece marks a leading space with U+2581
     found = []
     for t in tok.convert_ids_to_tokens(range(tok.vocab_size)):
@@ -42,7 +43,15 @@ def main() -> None:
     words = set(found)
     stems = Counter(w[:k] for w in found for k in range(4, len(w)) if w[:k] in words)
     reserved = reserved_words()
-    keep = [w for w in found if stems[w] == 0 and w not in reserved]
+    return [w for w in found if stems[w] == 0 and w not in reserved]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("tokenizer", help="a folder with the tokenizer files")
+    p.add_argument("--out", default=str(Path(synthetic.__file__).with_name("words.txt")))
+    args = p.parse_args()
+    keep = build(load_tokenizer(args.tokenizer))
     Path(args.out).write_text("\n".join(keep) + "\n")
     print(f"{len(keep)} words -> {args.out}")
 

@@ -1,6 +1,9 @@
 """Synthetic long-context tasks: deterministic per (task, length, seed), sized with the real tokenizer, the answer
 is in the prompt, eval seeds are refused by training sources."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from longcpm.train import synthetic
@@ -111,3 +114,21 @@ def test_word_list_is_single_token_and_outside_the_filler(tokenizer):
     assert haystack.count(key) == 1
     cw = generate("common_words", 3000, 9, tokenizer)
     assert all(w in words for w in cw.answers)
+
+
+def test_word_list_is_what_make_words_builds(tokenizer):
+    # the packaged list is derived data: the script that writes it must still give exactly it
+    path = Path(__file__).resolve().parents[2] / "examples" / "train" / "make_words.py"
+    spec = importlib.util.spec_from_file_location("make_words", path)
+    make_words = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_words)
+    assert tuple(make_words.build(tokenizer)) == word_list()
+
+
+def test_cw_top_common_words_outnumber_every_rare_word(tokenizer):
+    for seed in range(4):
+        ex = generate("cw_top", 900, seed, tokenizer, allow_longer=True)
+        words = ex.prompt.split("\n")[1].split()[1::2]
+        counts = {w: words.count(w) for w in set(words)}
+        assert 1 <= len(ex.answers) <= 10 and f"the {len(ex.answers)} most common" in ex.prompt
+        assert min(counts[w] for w in ex.answers) >= 4 * max(c for w, c in counts.items() if w not in ex.answers)
