@@ -119,12 +119,40 @@ def context_words(folder: Path) -> list[dict]:
     return out
 
 
+def decode_consistency(folder: Path, length: int = 4096, seeds: int = 10,
+                       tasks=("niah_multivalue", "variable_tracking", "common_words")) -> dict:
+    """Greedy replies of the engine (the eval's path: KV cache, chunked prefill, decode) against one teacher-forced
+    forward of prompt + answer, dense, fp32. The answer is the greedy reply exactly when every answer token is the
+    teacher-forced argmax, so the two counts must agree; a gap would be a decode-path defect, not the model."""
+    from longcpm.eval.suite import run_suite
+    model = load_model(folder, device="cpu", dtype=torch.float32)
+    tok = load_tokenizer(folder)
+    seed_list = list(range(EVAL_SEED_START, EVAL_SEED_START + seeds))
+    records = run_suite(str(folder), tasks, [length], seed_list, ["dense"], device="cpu", dtype="float32",
+                        warmup=False, progress=False)
+    out = {}
+    for rec in records:
+        forced, first_wrong = 0, []
+        for seed in seed_list:
+            ex = generate(rec["task"], length, seed, tok)
+            base, full = tok.encode(ex.prompt), ex.token_ids(tok)
+            with torch.no_grad():
+                top = model(torch.tensor([full]))[0].argmax(-1)
+            # the reply is scored without the final EOS: the answer text's tokens must all be the argmax
+            wrong = [i - len(base) for i in range(len(base), len(full) - 1) if int(top[i - 1]) != full[i]]
+            forced += not wrong
+            first_wrong.append(wrong[0] if wrong else None)
+        out[rec["task"]] = {"greedy_exact": sum(d["correct"] for d in rec["details"]), "teacher_forced_exact": forced,
+                            "first_wrong_answer_token": first_wrong, "samples": len(seed_list)}
+    return {"length": length, "attention": "dense", "dtype": "float32", "tasks": out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=40)
     p.add_argument("--lengths", default="8192,16384")
     p.add_argument("--only", help="comma-separated sections to rerun, kept with the file's other sections "
-                                  "(multikey_probe, answer_logprobs, context_words, demo)")
+                                  "(multikey_probe, answer_logprobs, context_words, demo, decode_consistency)")
     p.add_argument("--model", help="a model folder (default: the built-in needle-27m)")
     p.add_argument("--out", help="results file (default: benchmarks/results/needle-27m-cpu-checks.json)")
     a = p.parse_args()
@@ -132,7 +160,8 @@ def main() -> None:
     path = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / "needle-27m-cpu-checks.json"
     sections = {"multikey_probe": lambda: multikey_probe(folder, a.seeds),
                 "answer_logprobs": lambda: answer_logprobs(folder), "context_words": lambda: context_words(folder),
-                "demo": lambda: demo(folder, [int(x) for x in a.lengths.split(",")])}
+                "demo": lambda: demo(folder, [int(x) for x in a.lengths.split(",")]),
+                "decode_consistency": lambda: decode_consistency(folder)}
     names = a.only.split(",") if a.only else list(sections)
     unknown = [n for n in names if n not in sections]
     if unknown:

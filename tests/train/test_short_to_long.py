@@ -92,3 +92,14 @@ def test_dense_fraction_mixes_modes_per_step(tmp_path, monkeypatch, shards_dir):
     bad = tiny_run(tmp_path / "b", shards_dir, model={"dense_fraction": 1.5})
     with pytest.raises(ConfigError, match="dense_fraction"):
         parse_run_config(bad)
+
+
+def test_needle_recipe_stages_parse_and_chain():
+    """Every needle-27m stage file loads, and each continues from a stage of the same folder (its out_dir/final)."""
+    folder = EXAMPLES / "needle-27m"
+    runs = {p.stem: load_run_config(p) for p in sorted(folder.glob("*.toml"))}
+    assert len(runs) >= 13
+    outs = {r.run.out_dir + "/final" for r in runs.values()}
+    for name, r in runs.items():
+        assert r.run.out_dir.endswith("/" + name), name
+        assert r.model.init or r.model.checkpoint in outs, (name, r.model.checkpoint)
