@@ -29,6 +29,15 @@ def _builder(k: int):
     return lambda rng, n: synthetic._common_words(rng, n, k=k)
 
 
+def word_starts(tok, answers, start: int) -> list[int]:
+    """Positions of each answer word's first token in prompt + " w1, w2, ..., wk." (each word, then , or .)."""
+    out, pos = [], start
+    for w in answers:
+        out.append(pos)
+        pos += len(tok.encode(" " + w, add_special_tokens=False)) + 1
+    return out
+
+
 def probe(folder: Path, ks, lengths, seeds: int, device: str) -> list[dict]:
     model = load_model(folder, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     tok = load_tokenizer(folder)
@@ -46,11 +55,7 @@ def probe(folder: Path, ks, lengths, seeds: int, device: str) -> list[dict]:
                         top = model(torch.tensor([full], device=device))[0].argmax(-1).tolist()
                     ok = [top[i - 1] == full[i] for i in range(len(base), len(full) - 1)]
                     exact += all(ok)
-                    # first token of each answer word: the position after the prompt and after each ", "
-                    starts, pos = [], len(base)
-                    for w in ex.answers:
-                        starts.append(pos)
-                        pos += len(tok.encode(" " + w, add_special_tokens=False)) + 1  # the word, then , or .
+                    starts = word_starts(tok, ex.answers, len(base))
                     words += sum(top[i - 1] == full[i] for i in starts)
                     total += len(starts)
                 out.append({"k": k, "length": length, "samples": seeds, "exact": exact / seeds,
