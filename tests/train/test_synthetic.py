@@ -132,3 +132,10 @@ def test_cw_top_common_words_outnumber_every_rare_word(tokenizer):
         counts = {w: words.count(w) for w in set(words)}
         assert 1 <= len(ex.answers) <= 10 and f"the {len(ex.answers)} most common" in ex.prompt
         assert min(counts[w] for w in ex.answers) >= 4 * max(c for w, c in counts.items() if w not in ex.answers)
+
+
+def test_cw_ten_asks_for_ten_words_at_short_lengths(tokenizer):
+    ex = generate("cw_ten", 1024, 4, tokenizer)
+    words = ex.prompt.split("\n")[1].split()[1::2]
+    assert len(ex.answers) == 10 and "the 10 most common words" in ex.prompt
+    assert min(words.count(w) for w in ex.answers) > max(words.count(w) for w in set(words) - set(ex.answers))
