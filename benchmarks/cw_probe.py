@@ -25,10 +25,6 @@ from longcpm.text import load_tokenizer  # noqa: E402
 from longcpm.train import synthetic  # noqa: E402
 
 
-def _builder(k: int):
-    return lambda rng, n: synthetic._common_words(rng, n, k=k)
-
-
 def word_starts(tok, answers, start: int) -> list[int]:
     """Positions of each answer word's first token in prompt + " w1, w2, ..., wk." (each word, then , or .)."""
     out, pos = [], start
@@ -43,26 +39,22 @@ def probe(folder: Path, ks, lengths, seeds: int, device: str) -> list[dict]:
     tok = load_tokenizer(folder)
     out = []
     for k in ks:
-        name = f"cw{k}"
-        synthetic._BUILDERS[name] = _builder(k)  # a probe-only task name, removed below
-        try:
-            for length in lengths:
-                exact, words, total = 0, 0, 0
-                for seed in range(synthetic.EVAL_SEED_START, synthetic.EVAL_SEED_START + seeds):
-                    ex = synthetic.generate(name, length, seed, tok)
-                    base, full = tok.encode(ex.prompt), ex.token_ids(tok)
-                    with torch.no_grad():
-                        top = model(torch.tensor([full], device=device))[0].argmax(-1).tolist()
-                    ok = [top[i - 1] == full[i] for i in range(len(base), len(full) - 1)]
-                    exact += all(ok)
-                    starts = word_starts(tok, ex.answers, len(base))
-                    words += sum(top[i - 1] == full[i] for i in starts)
-                    total += len(starts)
-                out.append({"k": k, "length": length, "samples": seeds, "exact": exact / seeds,
-                            "first_token_words": round(words / total, 4)})
-                print(out[-1], flush=True)
-        finally:
-            del synthetic._BUILDERS[name]
+        build = synthetic.common_words_builder(k)
+        for length in lengths:
+            exact, words, total = 0, 0, 0
+            for seed in range(synthetic.EVAL_SEED_START, synthetic.EVAL_SEED_START + seeds):
+                ex = synthetic.generate(f"cw{k}", length, seed, tok, build=build)
+                base, full = tok.encode(ex.prompt), ex.token_ids(tok)
+                with torch.no_grad():
+                    top = model(torch.tensor([full], device=device))[0].argmax(-1).tolist()
+                ok = [top[i - 1] == full[i] for i in range(len(base), len(full) - 1)]
+                exact += all(ok)
+                starts = word_starts(tok, ex.answers, len(base))
+                words += sum(top[i - 1] == full[i] for i in starts)
+                total += len(starts)
+            out.append({"k": k, "length": length, "samples": seeds, "exact": exact / seeds,
+                        "first_token_words": round(words / total, 4)})
+            print(out[-1], flush=True)
     return out
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/cw_probe.py: its word positions point at the answer words, and a run leaves no probe task behind."""
+"""benchmarks/cw_probe.py: its word positions point at the answer words, and it scores every (k, length) cell."""
 
 import importlib.util
 import random
@@ -29,9 +29,7 @@ def test_word_starts_point_at_the_answer_words():
         assert [tok.decode([full[i]]).strip() for i in starts] == list(answers)
 
 
-def test_probe_runs_and_restores_the_task_table():
-    mod = _module()
-    before = dict(synthetic._BUILDERS)
-    rows = mod.probe(builtin_path("needle-27m"), [3], [600], 1, "cpu")
-    assert synthetic._BUILDERS == before
-    assert rows[0]["k"] == 3 and 0 <= rows[0]["first_token_words"] <= 1 and rows[0]["samples"] == 1
+def test_probe_scores_each_word_count_and_length():
+    rows = _module().probe(builtin_path("needle-27m"), [3, 10], [600], 1, "cpu")
+    assert [(r["k"], r["length"], r["samples"]) for r in rows] == [(3, 600, 1), (10, 600, 1)]
+    assert all(0 <= r["first_token_words"] <= 1 and r["exact"] in (0.0, 1.0) for r in rows)

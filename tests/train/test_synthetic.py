@@ -139,3 +139,14 @@ def test_cw_ten_asks_for_ten_words_at_short_lengths(tokenizer):
     words = ex.prompt.split("\n")[1].split()[1::2]
     assert len(ex.answers) == 10 and "the 10 most common words" in ex.prompt
     assert min(words.count(w) for w in ex.answers) > max(words.count(w) for w in set(words) - set(ex.answers))
+
+
+def test_a_fixed_word_count_builder_reproduces_the_eval_task(tokenizer):
+    """generate(build=common_words_builder(k)) is the eval's common-word example wherever the eval asks for k."""
+    from longcpm.train.synthetic import common_words_builder
+    for length, k in ((3000, 10), (800, 3)):
+        want = generate("common_words", length, EVAL_SEED_START + 2, tokenizer)
+        got = generate("cw", length, EVAL_SEED_START + 2, tokenizer, build=common_words_builder(k))
+        assert (got.prompt, got.answers) == (want.prompt, want.answers) and len(got.answers) == k
+    assert generate("cw_ten", 900, 3, tokenizer).prompt == generate("x", 900, 3, tokenizer,
+                                                                   build=common_words_builder(10)).prompt

@@ -205,10 +205,6 @@ def _cw_top(rng: random.Random, n: int):
     return _common_words(rng, n, k=k, freq=rng.randint(8, 24))
 
 
-def _cw_ten(rng: random.Random, n: int):
-    return _common_words(rng, n, k=10)
-
-
 def _kv_recall(rng: random.Random, n: int):
     used: set[str] = set()
     pairs = [(_key(rng, used), _number(rng)) for _ in range(rng.randint(2, 8))]
@@ -248,10 +244,16 @@ def _vt_hops(rng: random.Random, n: int):
     return _variable_tracking(rng, n, hops=rng.randint(1, 4))
 
 
+def common_words_builder(k: int) -> Callable:
+    """The eval's common-word builder with the number of words fixed at k (for generate's `build`): probes that
+    separate the number of words from the list length, which the eval's own task ties together."""
+    return lambda rng, n: _common_words(rng, n, k=k)
+
+
 _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
                                   "variable_tracking": _variable_tracking, "common_words": _common_words,
                                   "kv_recall": _kv_recall, "copy": _copy, "kv_query": _kv_query, "vt_hops": _vt_hops,
-                                  "cw_top": _cw_top, "cw_ten": _cw_ten}
+                                  "cw_top": _cw_top, "cw_ten": common_words_builder(10)}
 
 
 class ChunkEncoder:
@@ -289,13 +291,16 @@ class ChunkEncoder:
 
 
 def generate(task: str, length: int, seed: int, tokenizer, *, allow_longer: bool = False,
-             slack: int = 0) -> SyntheticExample:
+             slack: int = 0, build: Callable | None = None) -> SyntheticExample:
     """The example of `task` with the most filler such that BOS + prompt + answer + EOS <= length tokens.
     A length below the task's minimum (no filler at all) raises, or with allow_longer gives the no-filler one.
-    slack > 0 (training) accepts any fit within `slack` tokens of the length: fewer trial builds."""
-    if task not in _BUILDERS:
-        raise ValueError(f"unknown synthetic task {task!r} (tasks: {', '.join(TRAIN_TASKS)})")
-    build = _BUILDERS[task]
+    slack > 0 (training) accepts any fit within `slack` tokens of the length: fewer trial builds. build: a
+    builder (rng, n filler units) -> (prompt, answer, answers) to use instead of the named task's; `task` then
+    only labels the example."""
+    if build is None:
+        if task not in _BUILDERS:
+            raise ValueError(f"unknown synthetic task {task!r} (tasks: {', '.join(TRAIN_TASKS)})")
+        build = _BUILDERS[task]
     cache: dict[int, tuple[int, tuple]] = {}
 
     def count(n: int) -> int:
