@@ -33,7 +33,7 @@ def test_demo_runs_both_modes(capsys):
     code, out, err = call(capsys, "demo", "--length", "512", "--device", "cpu")
     assert code == 0, err  # a wrong answer still exits 0 (the stand-in weights may be random)
     head, key_line = out.splitlines()[:2]
-    assert head.startswith("needle-27m (27.5M params, InfLLM-V2 topk 16 x 64 + window 512), passkey at ")
+    assert head.startswith("needle-27m (27.5M params, InfLLM-V2 topk 64 x 64 + window 512), passkey at ")
     assert head.endswith(" tokens, cpu")
     assert re.match(r"hidden pass key: \d{5} \(at \d+% of the document\)$", key_line)
     found = lines(out)
