@@ -7,6 +7,8 @@ import re
 import pytest
 
 from longcpm.cli import main as cli
+from longcpm.config import ModelConfig
+from longcpm.models.builtin import builtin_path
 from longcpm.train.synthetic import EVAL_SEED_START
 
 
@@ -33,7 +35,9 @@ def test_demo_runs_both_modes(capsys):
     code, out, err = call(capsys, "demo", "--length", "512", "--device", "cpu")
     assert code == 0, err  # a wrong answer still exits 0 (the stand-in weights may be random)
     head, key_line = out.splitlines()[:2]
-    assert head.startswith("needle-27m (27.5M params, InfLLM-V2 topk 64 x 64 + window 512), passkey at ")
+    sc = ModelConfig.from_file(builtin_path("needle-27m") / "config.json").sparse_config
+    assert head.startswith(f"needle-27m (27.5M params, InfLLM-V2 topk {sc.topk} x {sc.block_size} + window "
+                           f"{sc.window_size}), passkey at ")
     assert head.endswith(" tokens, cpu")
     assert re.match(r"hidden pass key: \d{5} \(at \d+% of the document\)$", key_line)
     found = lines(out)

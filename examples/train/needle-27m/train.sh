@@ -2,8 +2,9 @@
 # Train needle-27m from scratch: stage 1 dense on documents of <= 2K tokens, then sparse stages (30% of steps dense) on
 # documents of up to 32K tokens alternating with short-document stages that teach one skill each (5: key matching,
 # 7 and 9: tracking and counting; see each stage file), a last sparse stage at top-k 64 (11), then write the packaged
-# bf16 copy. Run from the repository root on a CUDA machine. STAGES="2" continues from stage 1's final folder; extra arguments go to every stage (e.g.
-# --set run.steps=1000 --set run.progress=false). The step counts of the shipped model are in docs/quality.md.
+# bf16 copy. Run from the repository root on a CUDA machine. STAGES="2" continues from stage 1's final folder; extra
+# arguments go to every stage (e.g. --set run.steps=1000 --set run.progress=false). The step counts of the shipped
+# model are in docs/quality.md.
 set -euo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 dir=examples/train/needle-27m
