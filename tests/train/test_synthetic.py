@@ -150,3 +150,23 @@ def test_a_fixed_word_count_builder_reproduces_the_eval_task(tokenizer):
         assert (got.prompt, got.answers) == (want.prompt, want.answers) and len(got.answers) == k
     assert generate("cw_ten", 900, 3, tokenizer).prompt == generate("x", 900, 3, tokenizer,
                                                                    build=common_words_builder(10)).prompt
+
+
+@pytest.mark.parametrize("task, base", [("cw_any", "common_words"), ("cw_ten_any", "cw_ten"),
+                                        ("cw_top_any", "cw_top")])
+def test_any_order_common_words_keep_the_prompt_and_the_set(task, base, tokenizer):
+    """The any-order training tasks are their base example with the answer words permuted: same prompt, same
+    set, and (over a few seeds) not always first-appearance order, which the eval does not require."""
+    reordered = 0
+    for seed in range(6):
+        got, want = generate(task, 1200, seed, tokenizer), generate(base, 1200, seed, tokenizer)
+        assert got.prompt == want.prompt and sorted(got.answers) == sorted(want.answers)
+        assert got.answer == " " + ", ".join(got.answers) + "."
+        reordered += got.answers != want.answers
+    assert reordered >= 3
+
+
+def test_common_words_builder_refuses_an_unknown_order():
+    from longcpm.train.synthetic import common_words_builder
+    with pytest.raises(ValueError, match="order"):
+        common_words_builder(10, "last")

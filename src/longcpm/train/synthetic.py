@@ -28,7 +28,11 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # task asks for 3 words below ~2.5K tokens and 10 above, with a gap that shrinks as lists get short.
 # cw_ten: the eval's common-word list with 10 words at every length (the eval asks for 3 below ~2.5K), because
 # 10 words fail on 1K lists too (benchmarks/cw_probe.py): the number of words, not only the length, is learned.
-TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top", "cw_ten")
+# cw_any, cw_ten_any, cw_top_any: common_words, cw_ten and cw_top with the same prompt but the answer words in a
+# random order. The eval scores the set in any order; first-appearance order (the others' targets) makes the model
+# also rank the common words by where each first shows up, which a small model cannot do over a long list.
+TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top", "cw_ten", "cw_any", "cw_ten_any",
+                       "cw_top_any")
 EVAL_SEED_START = 10**6
 # Bumped whenever the same (task, length, seed) would give a different example; results files record it. Suite 2:
 # keys and common words come from words.txt (suite 1 drew keys from the filler's own words, common words from
@@ -182,7 +186,8 @@ def _variable_tracking(rng: random.Random, n: int, hops: int = 4):
     return prompt, " " + " ".join(chain) + ".", tuple(chain)
 
 
-def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | None = None):
+def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | None = None,
+                  order: str = "first"):
     # n = distinct rare words (2 copies each); the common ones appear more often than any rare word at any n
     k = k if k is not None else 10 if n >= 200 else 3
     ids = rng.sample(range(max(len(word_list()), n + k)), n + k)
@@ -192,6 +197,8 @@ def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | 
     rng.shuffle(words)
     first = {w: words.index(w) for w in common}
     common.sort(key=first.__getitem__)  # answer order: first appearance in the list
+    if order == "random":  # drawn after the list: the prompt is the first-appearance example's
+        rng.shuffle(common)
     listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
     prompt = (f"Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
               f"ones that appear most often.\n{listing}\nQuestion: What are the {k} most common words in the above "
@@ -199,10 +206,10 @@ def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | 
     return prompt, " " + ", ".join(common) + ".", tuple(common)
 
 
-def _cw_top(rng: random.Random, n: int):
+def _cw_top(rng: random.Random, n: int, order: str = "first"):
     # the counting step alone: 1-10 common words, each 4-12 times as frequent as a rare word
     k = rng.randint(1, 10)
-    return _common_words(rng, n, k=k, freq=rng.randint(8, 24))
+    return _common_words(rng, n, k=k, freq=rng.randint(8, 24), order=order)
 
 
 def _kv_recall(rng: random.Random, n: int):
@@ -244,16 +251,22 @@ def _vt_hops(rng: random.Random, n: int):
     return _variable_tracking(rng, n, hops=rng.randint(1, 4))
 
 
-def common_words_builder(k: int) -> Callable:
-    """The eval's common-word builder with the number of words fixed at k (for generate's `build`): probes that
-    separate the number of words from the list length, which the eval's own task ties together."""
-    return lambda rng, n: _common_words(rng, n, k=k)
+def common_words_builder(k: int | None, order: str = "first") -> Callable:
+    """The eval's common-word builder with the number of words fixed at k (None: the eval's own rule), for
+    generate's `build`: probes that separate the number of words from the list length, which the eval's own task
+    ties together. order "random" lists the answer words in a random order (same prompt)."""
+    if order not in ("first", "random"):
+        raise ValueError(f"order must be 'first' or 'random', got {order!r}")
+    return lambda rng, n: _common_words(rng, n, k=k, order=order)
 
 
 _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
                                   "variable_tracking": _variable_tracking, "common_words": _common_words,
                                   "kv_recall": _kv_recall, "copy": _copy, "kv_query": _kv_query, "vt_hops": _vt_hops,
-                                  "cw_top": _cw_top, "cw_ten": common_words_builder(10)}
+                                  "cw_top": _cw_top, "cw_ten": common_words_builder(10),
+                                  "cw_any": common_words_builder(None, "random"),
+                                  "cw_ten_any": common_words_builder(10, "random"),
+                                  "cw_top_any": functools.partial(_cw_top, order="random")}
 
 
 class ChunkEncoder:
