@@ -58,3 +58,29 @@ def write_json(obj: dict, name: str, out_dir: str | None = None) -> Path:
     p = d / name
     p.write_text(json.dumps(obj, indent=1) + "\n")
     return p
+
+
+def capture_attention_inputs(model, ids: list[int], layers: set[int] | None = None) -> dict[int, tuple]:
+    """q, k, v (post-RoPE, cloned) of each sparse attention call of one prefill, by layer (layers None: all):
+    benchmark kernels on the tensors a trained model really produces, whose block choices are far more alike
+    between neighbouring tokens than random inputs' (sparse-tile-sweep-h200.json: union width)."""
+    import longcpm.layers.attention as attn_mod
+
+    seen, calls = {}, [0]
+    orig = attn_mod.infllmv2_attention
+
+    def spy(q, k, v, cfg, **kw):
+        i = calls[0]
+        calls[0] += 1
+        if layers is None or i in layers:
+            seen[i] = (q.clone(), k.clone(), v.clone())
+        return orig(q, k, v, cfg, **kw)
+
+    attn_mod.infllmv2_attention = spy
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        attn_mod.infllmv2_attention = orig
+    return seen
+

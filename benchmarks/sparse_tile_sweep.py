@@ -30,36 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, try_bench, write_json  # noqa: E402
+from common import capture_attention_inputs, environment, try_bench, write_json  # noqa: E402
 
-import longcpm.layers.attention as attn_mod  # noqa: E402
 from longcpm import load_model  # noqa: E402
 from longcpm.models.builtin import builtin_path  # noqa: E402
 from longcpm.ops import infllmv2_select  # noqa: E402
 from longcpm.ops.infllmv2 import parallel as stage2  # noqa: E402
 from longcpm.text import load_tokenizer  # noqa: E402
 from longcpm.train.synthetic import EVAL_SEED_START, generate  # noqa: E402
-
-
-def capture(model, ids, layers: set[int]) -> dict[int, tuple]:
-    """q, k, v (post-RoPE) of the given layers' sparse attention calls during one prefill."""
-    seen, calls = {}, [0]
-    orig = attn_mod.infllmv2_attention
-
-    def spy(q, k, v, cfg, **kw):
-        i = calls[0]
-        calls[0] += 1
-        if i in layers:
-            seen[i] = (q.clone(), k.clone(), v.clone())
-        return orig(q, k, v, cfg, **kw)
-
-    attn_mod.infllmv2_attention = spy
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids], device="cuda"))
-    finally:
-        attn_mod.infllmv2_attention = orig
-    return seen
 
 
 def sweep(q, k, v, cfg, tag: str, N: int, configs: list[dict]) -> list[dict]:
@@ -133,7 +111,7 @@ def main() -> None:
                 records.append({"input": "model", "N": ids.shape[1], "impl": name,
                                 "ms": try_bench(lambda m=m, ids=ids: m(ids), warmup=2, rep=20)})
         print(records[-2], records[-1], flush=True)
-        for i, (q, k, v) in sorted(capture(model, ids[0].tolist(), layers).items()):
+        for i, (q, k, v) in sorted(capture_attention_inputs(model, ids[0].tolist(), layers).items()):
             records += sweep(q, k, v, cfg, f"model-layer{i}", q.shape[1], configs)
         g = torch.Generator(device="cuda").manual_seed(N)
         q, k, v = (torch.randn(1, N, h, D, device="cuda", dtype=torch.bfloat16, generator=g)
