@@ -170,3 +170,15 @@ def test_common_words_builder_refuses_an_unknown_order():
     from longcpm.train.synthetic import common_words_builder
     with pytest.raises(ValueError, match="order"):
         common_words_builder(10, "last")
+
+
+def test_var_query_asks_for_every_assigned_variable(tokenizer):
+    """Each question names a value (a number or another variable) whose statement is in the prompt; the answer
+    after it is the variable on that statement's left."""
+    ex = generate("var_query", 1500, 5, tokenizer)
+    text = ex.prompt + ex.answer
+    asks = text.split("Questions and answers:\n")[1].split("The variable assigned ")[1:]
+    assert len(asks) == len(ex.answers) >= 2
+    for ask, name in zip(asks, ex.answers):
+        value, said = ask.rstrip(". ").split(" is ")
+        assert said == name and f"VAR {name} = {value}." in ex.prompt

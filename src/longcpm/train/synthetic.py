@@ -31,8 +31,11 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # cw_any, cw_ten_any, cw_top_any: common_words, cw_ten and cw_top with the same prompt but the answer words in a
 # random order. The eval scores the set in any order; first-appearance order (the others' targets) makes the model
 # also rank the common words by where each first shows up, which a small model cannot do over a long list.
+# var_query: tracking's hop step alone, asked once per statement: "VAR B = A." statements (A a number or another
+# variable) and for each A, which variable holds it. Tracking misses are mostly a multi-token name copied wrong
+# after its first token, on the same examples at every length (docs/quality.md); this gives that copy many targets.
 TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top", "cw_ten", "cw_any", "cw_ten_any",
-                       "cw_top_any")
+                       "cw_top_any", "var_query")
 EVAL_SEED_START = 10**6
 # Bumped whenever the same (task, length, seed) would give a different example; results files record it. Suite 2:
 # keys and common words come from words.txt (suite 1 drew keys from the filler's own words, common words from
@@ -247,6 +250,19 @@ def _kv_query(rng: random.Random, n: int):
     return prompt, f" {order[0][1]}.{rest}", tuple(v for _, v in order)
 
 
+def _var_query(rng: random.Random, n: int):
+    used: set[str] = set()
+    names = [_var(rng, used) for _ in range(rng.randint(2, 8))]
+    values = [f"VAR {_var(rng, used)}" if rng.random() < 0.5 else _number(rng, 5) for _ in names]
+    hay = _haystack(rng, n, [(rng.random(), f"VAR {a} = {b}.") for a, b in zip(names, values)])
+    order = rng.sample(range(len(names)), len(names))
+    ask = "The variable assigned {} is"
+    prompt = (f"Memorize the variable assignments hidden in the following text. I will quiz you about them "
+              f"afterwards.\n\n{hay}\n\nQuestions and answers:\n" + ask.format(values[order[0]]))
+    rest = "".join(f" {ask.format(values[i])} {names[i]}." for i in order[1:])
+    return prompt, f" {names[order[0]]}.{rest}", tuple(names[i] for i in order)
+
+
 def _vt_hops(rng: random.Random, n: int):
     return _variable_tracking(rng, n, hops=rng.randint(1, 4))
 
@@ -263,6 +279,7 @@ def common_words_builder(k: int | None, order: str = "first") -> Callable:
 _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multikey, "niah_multivalue": _multivalue,
                                   "variable_tracking": _variable_tracking, "common_words": _common_words,
                                   "kv_recall": _kv_recall, "copy": _copy, "kv_query": _kv_query, "vt_hops": _vt_hops,
+                                  "var_query": _var_query,
                                   "cw_top": _cw_top, "cw_ten": common_words_builder(10),
                                   "cw_any": common_words_builder(None, "random"),
                                   "cw_ten_any": common_words_builder(10, "random"),
