@@ -89,3 +89,46 @@ def test_load_json_refuses_other_files(tmp_path, content):
         load_json(p)
     with pytest.raises(EvalError, match="cannot read"):
         load_json(tmp_path / "missing.json")
+
+
+def _meta(modes):
+    return {"model": "m", "config": {"hidden_size": 8}, "sparse_config": None, "dtype": "float32", "suite": 2,
+            "tasks": ["passkey", "common_words"], "lengths": [4096, 16384], "seeds": [10**6], "max_new_tokens": None,
+            "attention_modes": modes, "device": "cpu", "created": "t"}
+
+
+def test_merge_joins_one_run_per_mode(tmp_path):
+    """Dense and sparse run in separate processes give one table: same records, the table's order, summary."""
+    from longcpm.eval.report import merge
+    a = write_json(tmp_path / "d.json", [r for r in RECORDS[:8] if r["attention"] == "dense"], _meta(["dense"]))
+    b = write_json(tmp_path / "s.json", [r for r in RECORDS[:8] if r["attention"] == "sparse"], _meta(["sparse"]))
+    records, meta = merge([b, a])
+    assert meta["attention_modes"] == ["sparse", "dense"] and len(meta["merged_from"]) == 2
+    assert sorted(map(json.dumps, records)) == sorted(map(json.dumps, RECORDS[:8]))
+    assert [(r["length"], r["task"]) for r in records] == sorted(((r["length"], r["task"]) for r in records),
+                                                                 key=lambda x: (x[0], x[1] != "passkey"))
+    assert summary(records) == summary(RECORDS[:8])
+
+
+def test_merge_refuses_other_experiments_and_duplicate_cells(tmp_path):
+    from longcpm.eval.report import merge
+    dense = [r for r in RECORDS[:8] if r["attention"] == "dense"]
+    a = write_json(tmp_path / "a.json", dense, _meta(["dense"]))
+    other = write_json(tmp_path / "b.json", dense, {**_meta(["dense"]), "seeds": [10**6 + 1]})
+    with pytest.raises(EvalError, match="seeds"):
+        merge([a, other])
+    again = write_json(tmp_path / "c.json", dense[:1], _meta(["dense"]))
+    with pytest.raises(EvalError, match="both hold passkey at 4096"):
+        merge([a, again])
+    with pytest.raises(EvalError, match="at least two"):
+        merge([a])
+
+
+def test_cli_merge_needs_out(tmp_path, capsys):
+    from longcpm.cli.main import main
+    a = write_json(tmp_path / "d.json", [r for r in RECORDS[:8] if r["attention"] == "dense"], _meta(["dense"]))
+    b = write_json(tmp_path / "s.json", [r for r in RECORDS[:8] if r["attention"] == "sparse"], _meta(["sparse"]))
+    assert main(["eval", "--merge", str(a), str(b)]) != 0
+    assert "--out" in capsys.readouterr().err
+    assert main(["eval", "--merge", str(a), str(b), "--out", str(tmp_path / "q.json")]) == 0
+    assert load_json(tmp_path / "q.json")["summary"] == summary(RECORDS[:8])

@@ -83,6 +83,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up run")
     e.add_argument("--quiet", action="store_true", help="no per-cell progress on stderr")
     e.add_argument("--show", metavar="RESULTS_JSON", help="print the table of an existing results file and exit")
+    e.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="join results files of one model and suite (e.g. one run per attention mode) into --out")
     e.set_defaults(func=cmd_eval)
     return e
 
@@ -108,8 +110,16 @@ def cmd_eval(args) -> int:
         doc = report.load_json(args.show)
         print(report.format_table(doc["records"], doc.get("metadata")))
         return 0
+    if args.merge:
+        if not args.out:
+            raise EvalError("--merge needs --out for the joined results file")
+        records, meta = report.merge(args.merge)
+        print(report.format_table(records, meta))
+        path = report.write_json(args.out, records, meta)
+        print(f"wrote {len(records)} records from {len(args.merge)} files to {path}", file=sys.stderr)
+        return 0
     if not args.model:
-        raise EvalError("--model is required (or --show RESULTS_JSON to print a saved table)")
+        raise EvalError("--model is required (or --show RESULTS_JSON to print a saved table, --merge to join them)")
     from .suite import Loader, check_seeds, resolve_tasks, run_suite
 
     tasks = resolve_tasks(args.tasks)

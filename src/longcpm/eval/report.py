@@ -151,3 +151,42 @@ def load_json(path) -> dict:
     if not isinstance(recs, list) or not all(isinstance(r, dict) and all(k in r for k in REQUIRED) for r in recs):
         raise EvalError(f"{path}: not a longcpm eval results file (needs records with {', '.join(REQUIRED)})")
     return doc
+
+
+# metadata that must agree for two results files to be one table (the attention modes and run facts may differ)
+_SAME = ("model", "config", "sparse_config", "dtype", "suite", "tasks", "lengths", "seeds", "max_new_tokens")
+
+
+def merge(paths) -> tuple[list[dict], dict]:
+    """(records, metadata) of several results files of one model and suite run in separate processes (e.g. one
+    per attention mode, so each mode's timings are its own): every cell once, in the table's order. Files that
+    differ in model, config, seeds, lengths or tasks, or that hold the same (task, length, attention) cell, are
+    refused: a merged table must be one experiment."""
+    docs = [(str(p), load_json(p)) for p in paths]
+    if len(docs) < 2:
+        raise EvalError("merge needs at least two results files")
+    first_path, first = docs[0]
+    base = first.get("metadata") or {}
+    cells: dict[tuple, str] = {}
+    records: list[dict] = []
+    for path, doc in docs:
+        meta = doc.get("metadata") or {}
+        bad = [k for k in _SAME if meta.get(k) != base.get(k)]
+        if bad:
+            raise EvalError(f"{path} differs from {first_path} in {', '.join(bad)}: not one experiment")
+        for r in doc["records"]:
+            key = (r["task"], r["length"], r["attention"])
+            if key in cells:
+                raise EvalError(f"{path} and {cells[key]} both hold {r['task']} at {r['length']} ({r['attention']})")
+            cells[key] = path
+            records.append(r)
+    modes = list(dict.fromkeys(m for _, d in docs for m in d["metadata"].get("attention_modes", [])))
+    lengths, tasks = base.get("lengths") or [], base.get("tasks") or []
+    rank = {(n, t, m): i for i, (n, t, m) in enumerate((n, t, m) for n in lengths for t in tasks for m in modes)}
+    records.sort(key=lambda r: rank.get((r["length"], r["task"], r["attention"]), len(rank)))
+    meta = {**base, "attention_modes": modes,
+            "merged_from": [{"file": p, "attention_modes": d["metadata"].get("attention_modes"),
+                             "device": d["metadata"].get("device"), "versions": d["metadata"].get("versions"),
+                             "created": d["metadata"].get("created")} for p, d in docs]}
+    return records, meta
+
