@@ -77,6 +77,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                                    "bfloat16, float16")
     e.add_argument("--max-new-tokens", type=int, help="decode budget (default: the answer's tokens + 8)")
     e.add_argument("--max-model-len", type=int, help="cap on prompt + new tokens; longer lengths are skipped")
+    e.add_argument("--max-num-batched-tokens", type=int,
+                   help="prefill chunk in tokens (engine default 8192); the longest length or more prefills each "
+                        "prompt in one call")
     e.add_argument("--topk", type=int, help="InfLLM-V2: selected blocks per query (overrides sparse_config)")
     e.add_argument("--window", type=int, help="InfLLM-V2: local window in tokens")
     e.add_argument("--dense-len", type=int, help="InfLLM-V2: dense below this many tokens, for --attention auto")
@@ -129,7 +132,8 @@ def cmd_eval(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     loader = Loader(args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                    attention_modes=modes, sparse_config=_sparse_config(args), max_model_len=args.max_model_len)
+                    attention_modes=modes, sparse_config=_sparse_config(args), max_model_len=args.max_model_len,
+                    max_num_batched_tokens=args.max_num_batched_tokens)
     records = run_suite(loader, tasks, lengths, seeds, modes, args.max_new_tokens, model_name=args.model,
                         warmup=args.warmup, progress=not args.quiet)
     meta = report.metadata(args.model, loader.info, tasks=tasks, lengths=lengths, seeds=seeds,

@@ -78,7 +78,8 @@ class Loader:
     otherwise sparse would silently run dense. `info` holds what the results metadata needs."""
 
     def __init__(self, model, *, device=None, dtype=None, attention_modes: Sequence[str] = ("dense", "sparse"),
-                 sparse_config="config", max_model_len: int | None = None):
+                 sparse_config="config", max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None):
         from ..config import ModelConfig, SparseConfig
         from ..models.checkpoint import resolve_model_path
 
@@ -89,6 +90,8 @@ class Loader:
             if ModelConfig.from_file(self.path / "config.json").sparse_config is None:
                 sparse_config, self.sparse_source = SparseConfig(), "default (the checkpoint has none)"
         self.kw = {"device": device, "dtype": dtype, "sparse_config": sparse_config, "max_model_len": max_model_len}
+        if max_num_batched_tokens is not None:  # prefill chunk (the engine's default 8,192 splits long prompts)
+            self.kw["max_num_batched_tokens"] = max_num_batched_tokens
         self.info: dict = {}
 
     def __call__(self, mode: str):
@@ -100,7 +103,8 @@ class Loader:
         self.info = {"config": llm.config.to_dict(), "sparse_config": sc.to_dict() if sc is not None else None,
                      "sparse_config_source": self.sparse_source if sc is not None else None,
                      "device": str(llm.device), "dtype": str(next(llm.model.parameters()).dtype).removeprefix("torch."),
-                     "max_model_len": llm.max_model_len}
+                     "max_model_len": llm.max_model_len,
+                     "max_num_batched_tokens": llm.engine.config.max_num_batched_tokens}
         return llm
 
 
