@@ -30,28 +30,28 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import capture_attention_inputs, environment, try_bench, write_json  # noqa: E402
+from common import (  # noqa: E402
+    capture_attention_inputs,
+    environment,
+    eval_prompt_ids,
+    needle_model,
+    random_qkv,
+    try_bench,
+    write_json,
+)
 
-from longcpm import load_model  # noqa: E402
 from longcpm.assets import asset_dir  # noqa: E402
 from longcpm.config import ModelConfig  # noqa: E402
 from longcpm.ops import infllmv2_attention, infllmv2_select  # noqa: E402
-from longcpm.text import load_tokenizer  # noqa: E402
-from longcpm.train.synthetic import EVAL_SEED_START, generate  # noqa: E402
 
 
-def inputs(kind: str, N: int, cfg, HQ: int, H: int, D: int) -> dict:
-    """{layer: (q, k, v)}: one random set (layer None), or each layer's from the packaged model's prefill of a
-    variable-tracking eval prompt of N tokens, run sparse at every length (cfg) so that every layer is captured."""
+def inputs(kind: str, N: int, cfg, HQ: int, H: int, D: int, model=None) -> dict:
+    """{layer: (q, k, v)}: one random set (layer None), or each layer's from `model` (the packaged model, run
+    sparse at every length with cfg so that every layer is captured) prefilling a variable-tracking eval prompt."""
     if kind == "random":
-        g = torch.Generator(device="cuda").manual_seed(N)
-        return {None: tuple(torch.randn(1, N, h, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                            for h in (HQ, H, H))}
-    folder = asset_dir("needle-27m")
-    model = load_model(folder, device="cuda", dtype=torch.bfloat16, sparse_config=cfg)
-    tok = load_tokenizer(folder)
-    ids = tok.encode(generate("variable_tracking", N, EVAL_SEED_START, tok).prompt)
-    return capture_attention_inputs(model, ids)
+        return {None: random_qkv(N, HQ, H, D)}
+    model, tok = model
+    return capture_attention_inputs(model, eval_prompt_ids(tok, N))
 
 
 def time_one(q, k, v, cfg, N: int, layer) -> list[dict]:
@@ -80,9 +80,10 @@ def main() -> None:
     if a.topk:
         cfg = replace(cfg, topk=a.topk)
     HQ, H, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    model = needle_model(cfg) if a.inputs == "model" else None  # loaded once for every length
     records = []
     for N in map(int, a.ns.split(",")):
-        for layer, (q, k, v) in inputs(a.inputs, N, cfg, HQ, H, D).items():
+        for layer, (q, k, v) in inputs(a.inputs, N, cfg, HQ, H, D, model).items():
             records += time_one(q, k, v, cfg, N, layer)
         if a.inputs == "model":  # the model's attention cost: every layer's time summed
             for impl in dict.fromkeys(r["impl"] for r in records):

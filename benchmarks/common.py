@@ -84,3 +84,28 @@ def capture_attention_inputs(model, ids: list[int], layers: set[int] | None = No
         attn_mod.infllmv2_attention = orig
     return seen
 
+
+
+def needle_model(sparse_config="config", device: str = "cuda"):
+    """(model, tokenizer) of the packaged needle-27m, bf16 on CUDA (fp32 elsewhere); sparse_config as load_model's."""
+    from longcpm import load_model
+    from longcpm.models.builtin import builtin_path
+    from longcpm.text import load_tokenizer
+
+    folder = builtin_path("needle-27m")
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return load_model(folder, device=device, dtype=dtype, sparse_config=sparse_config), load_tokenizer(folder)
+
+
+def eval_prompt_ids(tokenizer, N: int) -> list[int]:
+    """Token ids of the first held-out variable-tracking eval prompt sized to N tokens: a realistic long input."""
+    from longcpm.train.synthetic import EVAL_SEED_START, generate
+
+    return tokenizer.encode(generate("variable_tracking", N, EVAL_SEED_START, tokenizer).prompt)
+
+
+def random_qkv(N: int, HQ: int, H: int, D: int, device: str = "cuda") -> tuple:
+    """q [1, N, HQ, D], k and v [1, N, H, D], seeded by N, bf16 on CUDA (fp32 elsewhere)."""
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    g = torch.Generator(device=device).manual_seed(N)
+    return tuple(torch.randn(1, N, h, D, device=device, dtype=dtype, generator=g) for h in (HQ, H, H))

@@ -27,14 +27,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import capture_attention_inputs, environment, try_bench, write_json  # noqa: E402
+from common import (  # noqa: E402
+    capture_attention_inputs,
+    environment,
+    eval_prompt_ids,
+    needle_model,
+    random_qkv,
+    try_bench,
+    write_json,
+)
 
-from longcpm import load_model  # noqa: E402
+from longcpm.config import ModelConfig  # noqa: E402
 from longcpm.models.builtin import builtin_path  # noqa: E402
 from longcpm.ops.infllmv2 import select as sel  # noqa: E402
 from longcpm.ops.infllmv2.compress import compress_keys  # noqa: E402
-from longcpm.text import load_tokenizer  # noqa: E402
-from longcpm.train.synthetic import EVAL_SEED_START, generate  # noqa: E402
 
 
 def sweep(q, k, cfg, tag: str, N: int) -> list[dict]:
@@ -81,19 +87,15 @@ def main() -> None:
     ap.add_argument("--ns", default="4096,16384,65536")
     ap.add_argument("--layer", type=int, default=1)
     a = ap.parse_args()
-    folder = builtin_path("needle-27m")
-    base = load_model(folder, device="cuda", dtype=torch.bfloat16).config
-    cfg = replace(base.sparse_config, dense_len=-1)
-    model = load_model(folder, device="cuda", dtype=torch.bfloat16, sparse_config=cfg)
-    tok = load_tokenizer(folder)
-    G, D = base.num_attention_heads // base.num_key_value_heads, base.head_dim
+    base = ModelConfig.from_file(builtin_path("needle-27m") / "config.json")
+    cfg = replace(base.sparse_config, dense_len=-1)  # sparse at every length, so each layer is captured
+    model, tok = needle_model(cfg)
+    HQ, H, D = base.num_attention_heads, base.num_key_value_heads, base.head_dim
     records = []
     for N in map(int, a.ns.split(",")):
-        ids = tok.encode(generate("variable_tracking", N, EVAL_SEED_START, tok).prompt)
-        q, k, _ = capture_attention_inputs(model, ids, {a.layer})[a.layer]
+        q, k, _ = capture_attention_inputs(model, eval_prompt_ids(tok, N), {a.layer})[a.layer]
         records += sweep(q, k, cfg, f"model-layer{a.layer}", q.shape[1])
-        g = torch.Generator(device="cuda").manual_seed(N)
-        q, k = (torch.randn(1, N, h, D, device="cuda", dtype=torch.bfloat16, generator=g) for h in (G, 1))
+        q, k, _ = random_qkv(N, HQ, H, D)
         records += sweep(q, k, cfg, "random", N)
         torch.cuda.empty_cache()
     path = write_json({"environment": environment(),

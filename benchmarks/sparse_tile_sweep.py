@@ -30,14 +30,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import capture_attention_inputs, environment, try_bench, write_json  # noqa: E402
+from common import (  # noqa: E402
+    capture_attention_inputs,
+    environment,
+    eval_prompt_ids,
+    needle_model,
+    random_qkv,
+    try_bench,
+    write_json,
+)
 
-from longcpm import load_model  # noqa: E402
-from longcpm.models.builtin import builtin_path  # noqa: E402
 from longcpm.ops import infllmv2_select  # noqa: E402
 from longcpm.ops.infllmv2 import parallel as stage2  # noqa: E402
-from longcpm.text import load_tokenizer  # noqa: E402
-from longcpm.train.synthetic import EVAL_SEED_START, generate  # noqa: E402
 
 
 def sweep(q, k, v, cfg, tag: str, N: int, configs: list[dict]) -> list[dict]:
@@ -90,9 +94,7 @@ def main() -> None:
     ap.add_argument("--ns", default="16384,32768,65536")
     ap.add_argument("--layers", default="1,6")
     a = ap.parse_args()
-    folder = builtin_path("needle-27m")
-    model = load_model(folder, device="cuda", dtype=torch.bfloat16)
-    tok = load_tokenizer(folder)
+    model, tok = needle_model()
     cfg = replace(model.config.sparse_config, dense_len=-1)
     G, D = model.config.num_attention_heads // model.config.num_key_value_heads, model.config.head_dim
     configs = [dict(BT=bt, BN=bn, num_warps=w, num_stages=s)
@@ -101,11 +103,10 @@ def main() -> None:
     if default not in configs:
         configs.insert(0, default)
     layers = {int(x) for x in a.layers.split(",")}
-    dense_model = load_model(folder, device="cuda", dtype=torch.bfloat16, sparse_config=None)
+    dense_model, _ = needle_model(sparse_config=None)
     records = []
     for N in map(int, a.ns.split(",")):
-        ex = generate("variable_tracking", N, EVAL_SEED_START, tok)
-        ids = torch.tensor([tok.encode(ex.prompt)], device="cuda")
+        ids = torch.tensor([eval_prompt_ids(tok, N)], device="cuda")
         for name, m in (("model_forward_dense", dense_model), ("model_forward_sparse", model)):
             with torch.no_grad():  # one unchunked forward of the whole model, logits included
                 records.append({"input": "model", "N": ids.shape[1], "impl": name,
@@ -113,9 +114,7 @@ def main() -> None:
         print(records[-2], records[-1], flush=True)
         for i, (q, k, v) in sorted(capture_attention_inputs(model, ids[0].tolist(), layers).items()):
             records += sweep(q, k, v, cfg, f"model-layer{i}", q.shape[1], configs)
-        g = torch.Generator(device="cuda").manual_seed(N)
-        q, k, v = (torch.randn(1, N, h, D, device="cuda", dtype=torch.bfloat16, generator=g)
-                   for h in (G, 1, 1))
+        q, k, v = random_qkv(N, model.config.num_attention_heads, model.config.num_key_value_heads, D)
         records += sweep(q, k, v, cfg, "random", N, configs)
         torch.cuda.empty_cache()
     path = write_json({"environment": environment(),
