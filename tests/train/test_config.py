@@ -34,6 +34,8 @@ def test_parses_and_overrides(tmp_path):
     (lambda r: r["schedule"].update(warmup_steps=5, decay_fraction=0.9), r"\[schedule\]: WSD decay starts"),
     (lambda r: r["model"].update(sparse_config="on"), r"'model.sparse_config' must be a table or false"),
     (lambda r: r["optim"].update(betas=[0.9]), r"'optim.betas' must be two numbers"),
+    (lambda r: r["data"]["sources"][0].update(prompt_labels=2.0, loss="answer"), r"prompt_labels' must be in"),
+    (lambda r: r["data"]["sources"][0].update(prompt_labels=0.1, loss="all"), r"needs loss = \"answer\""),
 ])
 def test_errors_name_key_and_file(tmp_path, mutate, match):
     raw = tiny_run(tmp_path / "o")

@@ -160,6 +160,32 @@ def test_answer_only_labels(tokenizer):
     assert ids.tolist() == full.make(0).tolist() and 0 < start < len(ids)
 
 
+def test_prompt_labels_add_a_share_of_the_prompt(tokenizer):
+    kw = dict(tasks=["common_words"], min_len=300, max_len=600, seed=4, loss="answer")
+    answer_only, some = SyntheticSource(tokenizer, **kw), SyntheticSource(tokenizer, prompt_labels=0.25, **kw)
+    for k in range(3):
+        ids, start = answer_only.make(k)
+        ids2, flags = some.make(k)
+        assert ids2.tolist() == ids.tolist() and flags.dtype == bool and len(flags) == len(ids)
+        assert flags[start:].all() and not flags[0]
+        share = flags[1:start].mean()  # a quarter of the prompt, give or take the coin's spread
+        assert 0.15 < share < 0.35, share
+        assert some.make(k)[1].tolist() == flags.tolist()  # the same draw gives the same targets
+    # packed: each flagged token is the label of the token before it, and nothing else is labelled
+    ids, flags = some.make(0)
+    row = Packer(DataMix([some], seed=0), seq_len=len(ids) + 5, pack="pad").next_row()
+    want = np.full(len(row.labels), IGNORE)
+    want[:len(ids) - 1][flags[1:]] = ids[1:][flags[1:]]
+    assert row.labels.tolist() == want.tolist()
+    # a split document keeps its flags across the row boundary
+    p = Packer(DataMix([some], seed=0), seq_len=64, pack="split")
+    labels = np.concatenate([p.next_row().labels for _ in range(-(-len(ids) // 64))])[:len(ids) - 1]
+    assert labels.tolist() == want[:len(ids) - 1].tolist()
+    for bad in (dict(prompt_labels=1.5, loss="answer"), dict(prompt_labels=0.1, loss="all")):
+        with pytest.raises(ValueError, match="prompt_labels"):
+            SyntheticSource(tokenizer, tasks=["passkey"], **bad)
+
+
 def test_synthetic_workers_give_the_same_documents(tokenizer):
     kw = dict(tasks=["passkey", "common_words"], min_len=100, max_len=400, seed=5, loss="answer")
     plain = SyntheticSource(tokenizer, **kw)

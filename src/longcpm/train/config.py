@@ -5,7 +5,7 @@ a ConfigError naming the key and the file. Relative paths are taken from the wor
                  overrides = {config.json keys}, sparse_config = {...} | false, attention, mup_lr, mup_init
     [data]       seq_len, micro_batch (rows per forward per rank), grad_accum, tokenizer, pack, [[data.sources]]
                  (type = "shards", path | type = "synthetic", tasks, task_weights, min_len, max_len, loss,
-                 workers; weight)
+                 prompt_labels, workers; weight)
     [optim]      lr, weight_decay, betas, eps, clip
     [schedule]   warmup_steps, decay_fraction | decay_steps | decay_start, shape, final_ratio, half_life
     [run]        steps, seed, out_dir, dtype, device, parallel, activation_checkpointing, log_every, save_every,
@@ -57,6 +57,7 @@ class SourceSpec:
     max_len: int = 1024
     seed: int | None = None
     loss: str = "all"  # synthetic: "answer" = labels on the answer and EOS only
+    prompt_labels: float = 0.0  # synthetic, loss "answer": share of prompt tokens that are targets too
     workers: int = 0   # synthetic: processes generating documents ahead of the packer
 
 
@@ -272,8 +273,12 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{src}: key '{where}.weight' must be >= 0")
         if s.workers < 0:
             raise ConfigError(f"{src}: key '{where}.workers' must be >= 0")
-        if s.type == "shards" and (s.loss != "all" or s.workers):
-            raise ConfigError(f"{src}: [{where}]: 'loss' and 'workers' apply to synthetic sources only")
+        if s.type == "shards" and (s.loss != "all" or s.workers or s.prompt_labels):
+            raise ConfigError(f"{src}: [{where}]: 'loss', 'prompt_labels' and 'workers' apply to synthetic sources "
+                              f"only")
+        if not 0.0 <= s.prompt_labels <= 1.0 or (s.prompt_labels and s.loss != "answer"):
+            raise ConfigError(f"{src}: key '{where}.prompt_labels' must be in [0, 1] and needs loss = \"answer\", "
+                              f"got {s.prompt_labels!r} with loss = {s.loss!r}")
     try:
         cfg.wsd()
     except ValueError as e:

@@ -29,11 +29,19 @@ from .synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, ChunkEncoder, genera
 IGNORE = -100
 INDEX = "index.json"
 # A source's document: its tokens, or (tokens, first target index) when only the tail is trained on.
-Doc = np.ndarray | tuple[np.ndarray, int]
+# A document: its tokens (all targets), (tokens, first target index), or (tokens, per-token target flags)
+Doc = np.ndarray | tuple[np.ndarray, int] | tuple[np.ndarray, np.ndarray]
 
 
-def _split_doc(d: Doc) -> tuple[np.ndarray, int]:
+def _split_doc(d: Doc) -> tuple[np.ndarray, int | np.ndarray]:
     return d if isinstance(d, tuple) else (d, 0)
+
+
+def _targets(start: int | np.ndarray, off: int, n: int) -> np.ndarray:
+    """Target flags of tokens [off, off + n) of a document whose targets are `start` (see Doc)."""
+    if isinstance(start, np.ndarray):
+        return start[off: off + n]
+    return np.arange(off, off + n) >= start
 
 
 def _docs_of(path: Path, field: str) -> Iterable[str]:
@@ -146,13 +154,18 @@ class SyntheticSource:
     """Synthetic task documents (prompt + answer + EOS). Draw k: task and length from a per-draw coin,
     generation seed (seed·1_000_003 + k) mod EVAL_SEED_START, so training never touches the eval seed range.
 
-    loss="answer" labels only the answer and EOS (the prompt is context, not a target). workers > 0 generates
+    loss="answer" labels only the answer and EOS (the prompt is context, not a target); with prompt_labels p > 0
+    each prompt token is also a target with probability p (a coin per token, seeded by the draw). That gives tasks
+    whose answer is a statistic of the prompt a dense signal: on a common-word list the next word's distribution
+    is the list's own word counts, so predicting a share of the list trains the count the answer reads, with
+    hundreds of targets per document where the answer has ten. workers > 0 generates
     the next documents in that many forked processes, one batch ahead of the trainer; the documents are the same
     as with workers = 0. Lengths are fitted within 1/64 of the drawn length (`generate`'s slack) and encoded by
     a ChunkEncoder: the ids equal the tokenizer's, a few times faster."""
 
     def __init__(self, tokenizer, *, tasks: Sequence[str] = TASKS, weights: Sequence[float] | None = None,
-                 min_len: int = 256, max_len: int = 1024, seed: int = 0, loss: str = "all", workers: int = 0):
+                 min_len: int = 256, max_len: int = 1024, seed: int = 0, loss: str = "all", workers: int = 0,
+                 prompt_labels: float = 0.0):
         if not 0 <= seed < EVAL_SEED_START:
             raise ValueError(f"synthetic training seed {seed} is outside [0, {EVAL_SEED_START}): seeds from "
                              f"{EVAL_SEED_START} on are reserved for evaluation")
@@ -163,6 +176,10 @@ class SyntheticSource:
             raise ValueError(f"synthetic lengths need 0 < min_len <= max_len, got {min_len}, {max_len}")
         if loss not in ("all", "answer"):
             raise ValueError(f"synthetic loss must be 'all' or 'answer', got {loss!r}")
+        if not 0.0 <= prompt_labels <= 1.0 or (prompt_labels and loss != "answer"):
+            raise ValueError(f"prompt_labels must be in [0, 1] and needs loss='answer', got {prompt_labels!r} "
+                             f"with loss={loss!r}")
+        self.prompt_labels = float(prompt_labels)
         self.tokenizer, self.tasks, self.seed = tokenizer, list(tasks), seed
         self.encoder = ChunkEncoder(tokenizer)
         self.weights = list(weights) if weights is not None else [1.0] * len(self.tasks)
@@ -188,7 +205,12 @@ class SyntheticSource:
             return np.asarray(ids, dtype=np.uint32)
         prompt = self.encoder.encode(ex.prompt)
         start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), len(prompt))
-        return np.asarray(ids, dtype=np.uint32), start
+        if not self.prompt_labels:
+            return np.asarray(ids, dtype=np.uint32), start
+        flags = np.random.default_rng([self.seed, k]).random(len(ids)) < self.prompt_labels
+        flags[0] = False  # the first token has nothing before it to predict from
+        flags[start:] = True
+        return np.asarray(ids, dtype=np.uint32), flags
 
     def doc(self, k: int) -> Doc:
         if self.workers <= 0:
@@ -299,7 +321,7 @@ class Packer:
             take = d[off: off + n]
             toks.append(take)
             segs.append(np.full(len(take), i, dtype=np.int64))
-            tgt.append(np.arange(off, off + len(take)) >= start)
+            tgt.append(_targets(start, off, len(take)))
             n -= len(take)
             off += len(take)
             if off >= len(d):

@@ -154,7 +154,7 @@ class Trainer:
                 else:
                     sources.append(SyntheticSource(self.tokenizer, tasks=s.tasks, weights=s.task_weights,
                                                    min_len=s.min_len, max_len=s.max_len, seed=sseed, loss=s.loss,
-                                                   workers=s.workers))
+                                                   prompt_labels=s.prompt_labels, workers=s.workers))
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"{self.cfg.source}: [data.sources[{i}]]: {e}") from None
         return DataMix(sources, [s.weight for s in self.cfg.data.sources], seed=seed)
