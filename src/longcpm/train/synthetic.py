@@ -34,8 +34,10 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # var_query: tracking's hop step alone, asked once per statement: "VAR B = A." statements (A a number or another
 # variable) and for each A, which variable holds it. Tracking misses are mostly a multi-token name copied wrong
 # after its first token, on the same examples at every length (docs/quality.md); this gives that copy many targets.
+# cw_plain: cw_any's list without the item numbers, so every list token is a word (each word in words.txt is one
+# token): with prompt_labels, a share of the list is a dense target for the in-context word counts.
 TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top", "cw_ten", "cw_any", "cw_ten_any",
-                       "cw_top_any", "var_query")
+                       "cw_top_any", "var_query", "cw_plain")
 EVAL_SEED_START = 10**6
 # Bumped whenever the same (task, length, seed) would give a different example; results files record it. Suite 2:
 # keys and common words come from words.txt (suite 1 drew keys from the filler's own words, common words from
@@ -190,7 +192,7 @@ def _variable_tracking(rng: random.Random, n: int, hops: int = 4):
 
 
 def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | None = None,
-                  order: str = "first"):
+                  order: str = "first", numbered: bool = True):
     # n = distinct rare words (2 copies each); the common ones appear more often than any rare word at any n
     k = k if k is not None else 10 if n >= 200 else 3
     ids = rng.sample(range(max(len(word_list()), n + k)), n + k)
@@ -202,8 +204,8 @@ def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | 
     common.sort(key=first.__getitem__)  # answer order: first appearance in the list
     if order == "random":  # drawn after the list: the prompt is the first-appearance example's
         rng.shuffle(common)
-    listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-    prompt = (f"Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
+    listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)) if numbered else " ".join(words)
+    prompt = (f"Below is a {'numbered ' if numbered else ''}list of words. In these words, some appear more often than others. Memorize the "
               f"ones that appear most often.\n{listing}\nQuestion: What are the {k} most common words in the above "
               f"list? Answer: The top {k} words that appear most often in the list are:")
     return prompt, " " + ", ".join(common) + ".", tuple(common)
@@ -283,7 +285,8 @@ _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multike
                                   "cw_top": _cw_top, "cw_ten": common_words_builder(10),
                                   "cw_any": common_words_builder(None, "random"),
                                   "cw_ten_any": common_words_builder(10, "random"),
-                                  "cw_top_any": functools.partial(_cw_top, order="random")}
+                                  "cw_top_any": functools.partial(_cw_top, order="random"),
+                                  "cw_plain": functools.partial(_common_words, order="random", numbered=False)}
 
 
 class ChunkEncoder:
