@@ -8,6 +8,10 @@ A model that counts predicts a common word (about 12% of the list's words, ten o
 
     python benchmarks/cw_list_probe.py MODEL [MODEL ...] [--lengths 2048,16384] [--seeds 4] [--tasks common_words,cw_plain]
         [--out F.json]
+
+--embeddings instead measures the list words' rows of the (tied) embedding table: mean pairwise cosine (first 500
+words), mean cosine of every vocabulary row to the mean row, and the list words' mean and deviation norms with the
+deviations' effective rank (docs/quality.md, x26-x27).
 """
 
 from __future__ import annotations
@@ -58,6 +62,25 @@ def probe(folder: str, length: int, seeds: int, device: str, task: str = "common
             "answer_words_in_top20": mean(top20), "targets": [len(common_lp), len(rare_lp), len(first_lp)]}
 
 
+def embedding_stats(folder: str) -> dict:
+    from safetensors.torch import load_file
+    table = load_file(str(Path(folder) / "model.safetensors"))["model.embed_tokens.weight"].float()
+    tok = load_tokenizer(folder)
+    ids = torch.tensor(sorted({tok.encode(" " + w, add_special_tokens=False)[0] for w in word_list()}))
+    rows = table[ids]
+    unit = torch.nn.functional.normalize(rows[:500], dim=-1)
+    n = len(unit)
+    dev = rows - rows.mean(0)
+    sv = torch.linalg.svdvals(dev)
+    return {"model": folder, "list_words": len(ids),
+            "list_mean_pairwise_cosine": round(float(((unit @ unit.T).sum() - n) / (n * (n - 1))), 4),
+            "vocab_mean_cosine_to_mean_row": round(float(torch.nn.functional.cosine_similarity(
+                table, table.mean(0, keepdim=True)).mean()), 4),
+            "list_mean_row_norm": round(float(rows.mean(0).norm()), 3),
+            "list_deviation_norm": round(float(dev.norm(dim=-1).mean()), 3),
+            "list_deviation_effective_rank": round(float(sv.sum() ** 2 / (sv ** 2).sum()), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+")
@@ -65,9 +88,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tasks", default="common_words", help="common_words (the eval's numbered list), cw_plain")
+    ap.add_argument("--embeddings", action="store_true", help="embedding-table statistics only (CPU, no forward)")
     ap.add_argument("--out")
     a = ap.parse_args()
-    rows = [probe(m, int(n), a.seeds, a.device, t) for m in a.models for t in a.tasks.split(",")
+    rows = [embedding_stats(m) for m in a.models] if a.embeddings else [probe(m, int(n), a.seeds, a.device, t) for m in a.models for t in a.tasks.split(",")
             for n in a.lengths.split(",")]
     for r in rows:
         print(json.dumps(r))

@@ -3,7 +3,7 @@ set's mean is scaled by `factor` before renormalising, so the learned difference
 
 Why: in needle-27m (stage 12) the embeddings of the 6,893 single-token words that the common-word lists and the
 multi-key keys are drawn from point almost the same way (mean pairwise cosine 0.95; over the whole vocabulary,
-cosine 0.98 to the mean row). Tied embeddings are also the output layer, so the model can neither tell two list
+cosine 0.99 to the mean row). Tied embeddings are also the output layer, so the model can neither tell two list
 words apart well enough to count them nor name one: it gives every list word about the same probability
 (benchmarks/cw_list_probe.py). Their deviations from the mean are high-rank (effective rank ~208 of 256) but
 small (norm 0.73 against 3.38 for the mean); factor 4-5 brings the pairwise cosine to about 0.5.

@@ -28,7 +28,6 @@ from .synthetic import EVAL_SEED_START, TASKS, TRAIN_TASKS, ChunkEncoder, genera
 
 IGNORE = -100
 INDEX = "index.json"
-# A source's document: its tokens, or (tokens, first target index) when only the tail is trained on.
 # A document: its tokens (all targets), (tokens, first target index), or (tokens, per-token target flags)
 Doc = np.ndarray | tuple[np.ndarray, int] | tuple[np.ndarray, np.ndarray]
 
