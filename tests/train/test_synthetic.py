@@ -182,3 +182,38 @@ def test_var_query_asks_for_every_assigned_variable(tokenizer):
     for ask, name in zip(asks, ex.answers):
         value, said = ask.rstrip(". ").split(" is ")
         assert said == name and f"VAR {name} = {value}." in ex.prompt
+
+
+def test_name_pieces_are_the_tokenizers_capital_pieces(tokenizer):
+    """name_pieces.txt is what examples/train/make_name_pieces.py writes for the packaged tokenizer, and each entry
+    is one token where a name puts it (word-initial pieces after a space)."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "train" / "make_name_pieces.py"
+    spec = importlib.util.spec_from_file_location("make_name_pieces", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert list(synthetic.name_pieces()) == mod.build(tokenizer)
+    assert len(synthetic.name_pieces()) > 1000
+    for p in ("_SEC", "NAL", "RECT", "COL"):  # pieces of stage 12's tracking misses
+        assert p in synthetic.name_pieces()
+    assert tokenizer.encode(" SEC", add_special_tokens=False) == [tokenizer.token_to_id("\u2581SEC")]
+
+
+def test_piece_names_train_the_rare_pieces(tokenizer):
+    """_piece_var gives distinct 5-letter capital names, each holding its drawn piece; far more of them contain a
+    3-5 letter piece than uniform letters do, which is the point of the vt_pieces / var_query_pieces tasks."""
+    rng_a, rng_b, used_a, used_b = synthetic.random.Random(0), synthetic.random.Random(0), set(), set()
+    piece_names = [synthetic._piece_var(rng_a, used_a) for _ in range(400)]
+    uniform = [synthetic._var(rng_b, used_b) for _ in range(400)]
+    assert len(set(piece_names)) == 400 and all(len(v) == 5 and v.isalpha() and v.isupper() for v in piece_names)
+    assert synthetic._piece_var(synthetic.random.Random(0), set()) == piece_names[0]  # a pure function of the rng
+
+    def long_share(names):
+        pieces = [tokenizer.convert_ids_to_tokens(tokenizer.encode(" " + v, add_special_tokens=False)) for v in names]
+        return sum(any(len(t.lstrip("\u2581")) >= 3 for t in ts) for ts in pieces) / len(names)
+
+    assert long_share(piece_names) > 3 * long_share(uniform), (long_share(piece_names), long_share(uniform))
+    for task in ("var_query_pieces", "vt_pieces"):
+        ex = generate(task, 1200, 9, tokenizer)
+        assert ex.answers and all(f"VAR {a} =" in ex.prompt for a in ex.answers)
+        assert all(len(a) == 5 and a.isupper() for a in ex.answers)
+        assert ex == generate(task, 1200, 9, tokenizer)

@@ -36,8 +36,11 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # after its first token, on the same examples at every length (docs/quality.md); this gives that copy many targets.
 # cw_plain: cw_any's list without the item numbers, so every list token is a word (each word in words.txt is one
 # token): with prompt_labels, a share of the list is a dense target for the in-context word counts.
+# var_query_pieces, vt_pieces: var_query and vt_hops with each name built around a piece drawn uniformly from the
+# tokenizer's capital-letter pieces (name_pieces.txt). Uniform letters make a 3-5 letter piece once in thousands of
+# names, so those pieces' embeddings never train, and every tracking miss of stage 12 holds one (docs/quality.md).
 TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top", "cw_ten", "cw_any", "cw_ten_any",
-                       "cw_top_any", "var_query", "cw_plain")
+                       "cw_top_any", "var_query", "cw_plain", "var_query_pieces", "vt_pieces")
 EVAL_SEED_START = 10**6
 # Bumped whenever the same (task, length, seed) would give a different example; results files record it. Suite 2:
 # keys and common words come from words.txt (suite 1 drew keys from the filler's own words, common words from
@@ -122,9 +125,34 @@ def _key(rng: random.Random, used: set[str]) -> str:
             return k
 
 
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def _var(rng: random.Random, used: set[str]) -> str:
     while True:
-        v = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        v = "".join(rng.choice(_LETTERS) for _ in range(5))
+        if v not in used:
+            used.add(v)
+            return v
+
+
+@functools.cache
+def name_pieces() -> tuple[str, ...]:
+    """The tokenizer's capital-letter pieces (examples/train/make_name_pieces.py wrote them from MiniCPM4's
+    tokenizer); a leading "_" marks a word-initial piece."""
+    return tuple(Path(__file__).with_name("name_pieces.txt").read_text().split())
+
+
+def _piece_var(rng: random.Random, used: set[str]) -> str:
+    # a 5-letter name around one piece drawn uniformly from name_pieces(), at a random place (word-initial pieces
+    # first): uniform letters almost never make the 3-5 letter pieces, whose embeddings then stay untrained
+    while True:
+        piece = rng.choice(name_pieces())
+        core = piece.lstrip("_")
+        at = 0 if piece.startswith("_") else rng.randint(0, 5 - len(core))
+        letters = [rng.choice(_LETTERS) for _ in range(5)]
+        letters[at: at + len(core)] = core
+        v = "".join(letters)
         if v not in used:
             used.add(v)
             return v
@@ -173,11 +201,11 @@ def _multivalue(rng: random.Random, n: int, num_values: int = 4):
     return prompt, " " + ", ".join(values) + ".", tuple(values)
 
 
-def _variable_tracking(rng: random.Random, n: int, hops: int = 4):
+def _variable_tracking(rng: random.Random, n: int, hops: int = 4, name: Callable = _var):
     used: set[str] = set()
     value, other = _number(rng, 5), _number(rng, 5)
-    chain = [_var(rng, used) for _ in range(hops + 1)]
-    decoy = [_var(rng, used) for _ in range(hops + 1)]
+    chain = [name(rng, used) for _ in range(hops + 1)]
+    decoy = [name(rng, used) for _ in range(hops + 1)]
     needles = []
     for names, val in ((chain, value), (decoy, other)):
         depths = sorted(rng.random() for _ in names)
@@ -252,10 +280,10 @@ def _kv_query(rng: random.Random, n: int):
     return prompt, f" {order[0][1]}.{rest}", tuple(v for _, v in order)
 
 
-def _var_query(rng: random.Random, n: int):
+def _var_query(rng: random.Random, n: int, name: Callable = _var):
     used: set[str] = set()
-    names = [_var(rng, used) for _ in range(rng.randint(2, 8))]
-    values = [f"VAR {_var(rng, used)}" if rng.random() < 0.5 else _number(rng, 5) for _ in names]
+    names = [name(rng, used) for _ in range(rng.randint(2, 8))]
+    values = [f"VAR {name(rng, used)}" if rng.random() < 0.5 else _number(rng, 5) for _ in names]
     hay = _haystack(rng, n, [(rng.random(), f"VAR {a} = {b}.") for a, b in zip(names, values)])
     order = rng.sample(range(len(names)), len(names))
     ask = "The variable assigned {} is"
@@ -265,8 +293,8 @@ def _var_query(rng: random.Random, n: int):
     return prompt, f" {names[order[0]]}.{rest}", tuple(names[i] for i in order)
 
 
-def _vt_hops(rng: random.Random, n: int):
-    return _variable_tracking(rng, n, hops=rng.randint(1, 4))
+def _vt_hops(rng: random.Random, n: int, name: Callable = _var):
+    return _variable_tracking(rng, n, hops=rng.randint(1, 4), name=name)
 
 
 def common_words_builder(k: int | None, order: str = "first") -> Callable:
@@ -286,7 +314,9 @@ _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multike
                                   "cw_any": common_words_builder(None, "random"),
                                   "cw_ten_any": common_words_builder(10, "random"),
                                   "cw_top_any": functools.partial(_cw_top, order="random"),
-                                  "cw_plain": functools.partial(_common_words, order="random", numbered=False)}
+                                  "cw_plain": functools.partial(_common_words, order="random", numbered=False),
+                                  "var_query_pieces": functools.partial(_var_query, name=_piece_var),
+                                  "vt_pieces": functools.partial(_vt_hops, name=_piece_var)}
 
 
 class ChunkEncoder:
