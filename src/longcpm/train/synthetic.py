@@ -144,12 +144,19 @@ def name_pieces() -> tuple[str, ...]:
 
 
 def _piece_var(rng: random.Random, used: set[str]) -> str:
-    # a 5-letter name around one piece drawn uniformly from name_pieces(), at a random place (word-initial pieces
-    # first): uniform letters almost never make the 3-5 letter pieces, whose embeddings then stay untrained
+    # a 5-letter name around one piece drawn uniformly from name_pieces(): uniform letters almost never make the 3-5
+    # letter pieces, whose embeddings then stay untrained. Word-initial pieces go first; the others after at least
+    # one letter (first, after the space, the tokenizer would cut them another way), so 5-letter ones never fit.
+    # (x28 and x30 ran with the others placed anywhere, the first letter included, which left RECT untrained.)
     while True:
         piece = rng.choice(name_pieces())
         core = piece.lstrip("_")
-        at = 0 if piece.startswith("_") else rng.randint(0, 5 - len(core))
+        if piece.startswith("_"):
+            at = 0
+        elif len(core) < 5:
+            at = rng.randint(1, 5 - len(core))
+        else:
+            continue
         letters = [rng.choice(_LETTERS) for _ in range(5)]
         letters[at: at + len(core)] = core
         v = "".join(letters)
