@@ -169,7 +169,24 @@ def test_any_order_common_words_keep_the_prompt_and_the_set(task, base, tokenize
 def test_common_words_builder_refuses_an_unknown_order():
     from longcpm.train.synthetic import common_words_builder
     with pytest.raises(ValueError, match="order"):
-        common_words_builder(10, "last")
+        common_words_builder(10, "latest")
+
+
+@pytest.mark.parametrize("task, base", [("cw_last", "common_words"), ("cw_ten_last", "cw_ten"),
+                                        ("cw_top_last", "cw_top")])
+def test_last_order_common_words_name_the_latest_last_copy_first(task, base, tokenizer):
+    """The last-order tasks keep their base example's prompt and set; the answer lists the words by where each
+    last appears in the list, latest first (so not first-appearance order in general)."""
+    differs = 0
+    for seed in range(5):
+        got, want = generate(task, 1200, seed, tokenizer), generate(base, 1200, seed, tokenizer)
+        assert got.prompt == want.prompt and sorted(got.answers) == sorted(want.answers)
+        words = got.prompt.split("\n")[1].split()[1::2]
+        last = [max(i for i, w in enumerate(words) if w == a) for a in got.answers]
+        assert last == sorted(last, reverse=True)
+        assert got.answer == " " + ", ".join(got.answers) + "."
+        differs += got.answers != want.answers
+    assert differs >= 3
 
 
 def test_var_query_asks_for_every_assigned_variable(tokenizer):

@@ -36,11 +36,16 @@ TASKS = ("passkey", "niah_multikey", "niah_multivalue", "variable_tracking", "co
 # after its first token, on the same examples at every length (docs/quality.md); this gives that copy many targets.
 # cw_plain: cw_any's list without the item numbers, so every list token is a word (each word in words.txt is one
 # token): with prompt_labels, a share of the list is a dense target for the in-context word counts.
+# cw_last, cw_ten_last, cw_top_last: the same lists with the answer words by last appearance, latest first. A word's
+# last copy has seen all its earlier copies, so "the most recent word seen many times, not yet named" picks each
+# answer word in turn with one sharp attention; first appearance needs a word's later copies to know it is common,
+# and a random order spreads the target over all ten words (a small model's one kv head carries no ten-word mix).
 # var_query_pieces, vt_pieces: var_query and vt_hops with each name built around a piece drawn uniformly from the
 # tokenizer's capital-letter pieces (name_pieces.txt). Uniform letters make a 3-5 letter piece once in thousands of
 # names, so those pieces' embeddings never train, and every tracking miss of stage 12 holds one (docs/quality.md).
 TRAIN_TASKS = TASKS + ("kv_recall", "copy", "kv_query", "vt_hops", "cw_top", "cw_ten", "cw_any", "cw_ten_any",
-                       "cw_top_any", "var_query", "cw_plain", "var_query_pieces", "vt_pieces")
+                       "cw_top_any", "var_query", "cw_plain", "var_query_pieces", "vt_pieces", "cw_last",
+                       "cw_ten_last", "cw_top_last")
 EVAL_SEED_START = 10**6
 # Bumped whenever the same (task, length, seed) would give a different example; results files record it. Suite 2:
 # keys and common words come from words.txt (suite 1 drew keys from the filler's own words, common words from
@@ -239,6 +244,9 @@ def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | 
     common.sort(key=first.__getitem__)  # answer order: first appearance in the list
     if order == "random":  # drawn after the list: the prompt is the first-appearance example's
         rng.shuffle(common)
+    elif order == "last":  # most recent last appearance first
+        last = {w: len(words) - 1 - words[::-1].index(w) for w in common}
+        common.sort(key=last.__getitem__, reverse=True)
     listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)) if numbered else " ".join(words)
     prompt = (f"Below is a {'numbered ' if numbered else ''}list of words. In these words, some appear more often than others. Memorize the "
               f"ones that appear most often.\n{listing}\nQuestion: What are the {k} most common words in the above "
@@ -304,12 +312,15 @@ def _vt_hops(rng: random.Random, n: int, name: Callable = _var):
     return _variable_tracking(rng, n, hops=rng.randint(1, 4), name=name)
 
 
+ORDERS = ("first", "random", "last")
+
+
 def common_words_builder(k: int | None, order: str = "first") -> Callable:
     """The eval's common-word builder with the number of words fixed at k (None: the eval's own rule), for
     generate's `build`: probes that separate the number of words from the list length, which the eval's own task
     ties together. order "random" lists the answer words in a random order (same prompt)."""
-    if order not in ("first", "random"):
-        raise ValueError(f"order must be 'first' or 'random', got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     return lambda rng, n: _common_words(rng, n, k=k, order=order)
 
 
@@ -321,6 +332,9 @@ _BUILDERS: dict[str, Callable] = {"passkey": _passkey, "niah_multikey": _multike
                                   "cw_any": common_words_builder(None, "random"),
                                   "cw_ten_any": common_words_builder(10, "random"),
                                   "cw_top_any": functools.partial(_cw_top, order="random"),
+                                  "cw_last": common_words_builder(None, "last"),
+                                  "cw_ten_last": common_words_builder(10, "last"),
+                                  "cw_top_last": functools.partial(_cw_top, order="last"),
                                   "cw_plain": functools.partial(_common_words, order="random", numbered=False),
                                   "var_query_pieces": functools.partial(_var_query, name=_piece_var),
                                   "vt_pieces": functools.partial(_vt_hops, name=_piece_var)}
