@@ -167,9 +167,11 @@ def test_any_order_common_words_keep_the_prompt_and_the_set(task, base, tokenize
 
 
 def test_common_words_builder_refuses_an_unknown_order():
-    from longcpm.train.synthetic import common_words_builder
+    from longcpm.train.synthetic import _common_words, common_words_builder
     with pytest.raises(ValueError, match="order"):
         common_words_builder(10, "latest")
+    with pytest.raises(ValueError, match="order"):
+        generate("cw", 900, 3, None, build=lambda rng, n: _common_words(rng, n, order="latest"))
 
 
 @pytest.mark.parametrize("task, base", [("cw_last", "common_words"), ("cw_ten_last", "cw_ten"),

@@ -231,9 +231,14 @@ def _variable_tracking(rng: random.Random, n: int, hops: int = 4, name: Callable
     return prompt, " " + " ".join(chain) + ".", tuple(chain)
 
 
+ORDERS = ("first", "random", "last")  # answer orders of the common-word builders
+
+
 def _common_words(rng: random.Random, n: int, k: int | None = None, freq: int | None = None,
                   order: str = "first", numbered: bool = True):
     # n = distinct rare words (2 copies each); the common ones appear more often than any rare word at any n
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     k = k if k is not None else 10 if n >= 200 else 3
     ids = rng.sample(range(max(len(word_list()), n + k)), n + k)
     common, rare = [word(i) for i in ids[:k]], [word(i) for i in ids[k:]]
@@ -312,13 +317,11 @@ def _vt_hops(rng: random.Random, n: int, name: Callable = _var):
     return _variable_tracking(rng, n, hops=rng.randint(1, 4), name=name)
 
 
-ORDERS = ("first", "random", "last")
-
-
 def common_words_builder(k: int | None, order: str = "first") -> Callable:
     """The eval's common-word builder with the number of words fixed at k (None: the eval's own rule), for
     generate's `build`: probes that separate the number of words from the list length, which the eval's own task
-    ties together. order "random" lists the answer words in a random order (same prompt)."""
+    ties together. order "random" lists the answer words in a random order, "last" by last appearance, latest
+    first (same prompt)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     return lambda rng, n: _common_words(rng, n, k=k, order=order)
