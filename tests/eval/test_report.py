@@ -114,12 +114,16 @@ def test_merge_refuses_other_experiments_and_duplicate_cells(tmp_path):
     from longcpm.eval.report import merge
     dense = [r for r in RECORDS[:8] if r["attention"] == "dense"]
     a = write_json(tmp_path / "a.json", dense, _meta(["dense"]))
-    other = write_json(tmp_path / "b.json", dense, {**_meta(["dense"]), "seeds": [10**6 + 1]})
-    with pytest.raises(EvalError, match="seeds"):
+    other = write_json(tmp_path / "b.json", dense, {**_meta(["dense"]), "tasks": ["passkey"]})
+    with pytest.raises(EvalError, match="tasks"):
         merge([a, other])
     again = write_json(tmp_path / "c.json", dense[:1], _meta(["dense"]))
-    with pytest.raises(EvalError, match="both hold passkey at 4096"):
+    with pytest.raises(EvalError, match="both hold passkey at 4096 .dense. for seed 1000000"):
         merge([a, again])
+    skipped = write_json(tmp_path / "e.json", [rec("passkey", 4096, "dense", None, skipped="too long")],
+                         _meta(["dense"]))
+    with pytest.raises(EvalError, match="no examples to pool"):
+        merge([a, skipped])
     with pytest.raises(EvalError, match="at least two"):
         merge([a])
 
@@ -132,3 +136,55 @@ def test_cli_merge_needs_out(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert main(["eval", "--merge", str(a), str(b), "--out", str(tmp_path / "q.json")]) == 0
     assert load_json(tmp_path / "q.json")["summary"] == summary(RECORDS[:8])
+
+
+def _reseed(records, start):
+    return [{**r, "details": [{**d, "seed": start + i} for i, d in enumerate(r["details"])]} for r in records]
+
+
+def test_merge_pools_seed_ranges_and_lengths(tmp_path):
+    """Runs over other seeds of the same cells pool their examples; runs over other lengths add columns."""
+    from longcpm.eval.report import merge
+    cells = [r for r in RECORDS[:8] if r["length"] == 16384]
+    a = write_json(tmp_path / "a.json", cells, {**_meta(["dense", "sparse"]), "lengths": [16384],
+                                               "seeds": list(range(10**6, 10**6 + 4))})
+    more = [rec(r["task"], 16384, r["attention"], 0.0) for r in cells]
+    b = write_json(tmp_path / "b.json", _reseed(more, 10**6 + 4),
+                   {**_meta(["dense", "sparse"]), "lengths": [16384], "seeds": list(range(10**6 + 4, 10**6 + 8))})
+    short = [r for r in RECORDS[:8] if r["length"] == 4096]
+    c = write_json(tmp_path / "c.json", short, {**_meta(["dense", "sparse"]), "lengths": [4096]})
+    records, meta = merge([a, b, c])
+    assert meta["lengths"] == [4096, 16384] and meta["seeds"] == list(range(10**6, 10**6 + 8))
+    assert [m["seeds"] for m in meta["merged_from"]] == [[10**6, 10**6 + 3], [10**6 + 4, 10**6 + 7], [10**6, 10**6]]
+    pooled = {(r["task"], r["attention"]): r for r in records if r["length"] == 16384}
+    assert all(r["samples"] == 8 for r in pooled.values())
+    assert [d["seed"] for d in pooled["passkey", "sparse"]["details"]] == list(range(10**6, 10**6 + 8))
+    assert pooled["passkey", "dense"]["accuracy"] == 0.5 and pooled["passkey", "sparse"]["accuracy"] == 0.375
+    assert pooled["passkey", "dense"]["correct"] == 4
+    assert [r["length"] for r in records] == [4096] * 4 + [16384] * 4  # the table's order
+    table = format_table(records, meta)
+    row = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+           for ln in table.splitlines() if ln.startswith("| ")}
+    assert row["examples per task"] == ["4", "4", "8", "8"]
+
+
+def test_cli_merge_takes_timing_from_another_run(tmp_path, capsys):
+    from longcpm.cli.main import main
+    d = write_json(tmp_path / "d.json", [r for r in RECORDS[:8] if r["attention"] == "dense"], _meta(["dense"]))
+    s = write_json(tmp_path / "s.json", [r for r in RECORDS[:8] if r["attention"] == "sparse"], _meta(["sparse"]))
+    fast = [rec(r["task"], r["length"], r["attention"], r["accuracy"], prefill=1.0) for r in RECORDS[:8]]
+    t = write_json(tmp_path / "t.json", fast, {**_meta(["dense", "sparse"]), "seeds": [7 * 10**6]})
+    out = tmp_path / "q.json"
+    assert main(["eval", "--merge", str(d), str(s), "--timing-from", str(t), "--out", str(out)]) == 0
+    doc = load_json(out)
+    assert doc["timing"] == timing(fast) and doc["timing"] != timing(RECORDS[:8])
+    assert doc["metadata"]["timing_from"]["file"] == str(t) and doc["metadata"]["timing_from"]["seeds"] == [7 * 10**6] * 2
+    assert "| prefill ms (median) |" in capsys.readouterr().out
+    other = write_json(tmp_path / "o.json", fast, {**_meta(["dense"]), "config": {"hidden_size": 16}})
+    assert main(["eval", "--merge", str(d), str(s), "--timing-from", str(other), "--out", str(out)]) != 0
+    assert "differs from the merged results in config" in capsys.readouterr().err
+    assert main(["eval", "--show", str(out), "--timing-from", str(t)]) != 0
+    assert "goes with --merge" in capsys.readouterr().err
+    assert main(["eval", "--show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "| prefill ms (median) |      2.5 |" in shown  # the file's timing rows, not the merged runs' 11.5

@@ -87,7 +87,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no per-cell progress on stderr")
     e.add_argument("--show", metavar="RESULTS_JSON", help="print the table of an existing results file and exit")
     e.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
-                   help="join results files of one model and suite (e.g. one run per attention mode) into --out")
+                   help="join results files of one model and suite into --out: one run per attention mode, length "
+                        "or seed range; a cell in several files pools their examples (seeds must differ)")
+    e.add_argument("--timing-from", metavar="RESULTS_JSON",
+                   help="with --merge: take the prefill/decode times from this file (a run alone on the device) "
+                        "instead of from the merged runs")
     e.set_defaults(func=cmd_eval)
     return e
 
@@ -109,16 +113,21 @@ def _sparse_config(args):
 def cmd_eval(args) -> int:
     from . import report
 
+    if args.timing_from and not args.merge:
+        raise EvalError("--timing-from goes with --merge")
     if args.show:
-        doc = report.load_json(args.show)
-        print(report.format_table(doc["records"], doc.get("metadata")))
+        doc = report.load_json(args.show)  # the file's own timing rows: a merge may have taken them from another run
+        print(report.format_table(doc["records"], doc.get("metadata"), doc.get("timing")))
         return 0
     if args.merge:
         if not args.out:
             raise EvalError("--merge needs --out for the joined results file")
         records, meta = report.merge(args.merge)
-        print(report.format_table(records, meta))
-        path = report.write_json(args.out, records, meta)
+        rows = None
+        if args.timing_from:
+            rows, meta["timing_from"] = report.timing_from(args.timing_from, meta)
+        print(report.format_table(records, meta, rows))
+        path = report.write_json(args.out, records, meta, rows)
         print(f"wrote {len(records)} records from {len(args.merge)} files to {path}", file=sys.stderr)
         return 0
     if not args.model:

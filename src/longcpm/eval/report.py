@@ -68,8 +68,9 @@ def _pct(x) -> str:
     return "skip" if x is None else f"{100 * x:.1f}"
 
 
-def format_table(records: list[dict], metadata: dict | None = None) -> str:
-    """Tasks x lengths, attention modes side by side, then the task average, prefill time and what ran."""
+def format_table(records: list[dict], metadata: dict | None = None, timing_rows: list[dict] | None = None) -> str:
+    """Tasks x lengths, attention modes side by side, then the task average, examples per cell, prefill time
+    (from timing_rows when given) and what ran."""
     if not records:
         return "(no results)"
     lengths, modes, tasks = (_ordered(records, k) for k in ("length", "attention", "task"))
@@ -85,7 +86,12 @@ def format_table(records: list[dict], metadata: dict | None = None) -> str:
         accs = [a for a in accs if a is not None]
         avg.append(_pct(statistics.mean(accs)) if accs else "skip")
     rows.append(["average"] + avg)
-    tim = {(x["length"], x["attention"]): x for x in timing(records)}
+    counts = []
+    for n, m in cols:
+        ns = sorted({cell[(t, n, m)]["samples"] for t in tasks if (t, n, m) in cell})
+        counts.append("-" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}")
+    rows.append(["examples per task"] + counts)
+    tim = {(x["length"], x["attention"]): x for x in (timing(records) if timing_rows is None else timing_rows)}
     rows.append(["prefill ms (median)"] + [f"{tim[c]['prefill_ms']:.1f}" if c in tim else "-" for c in cols])
     rows.append(["attention used"] + [tim[c]["attention_used"] if c in tim else "-" for c in cols])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
@@ -129,10 +135,12 @@ def metadata(model, info: dict, *, tasks, lengths, seeds, attention_modes, max_n
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def write_json(path, records: list[dict], meta: dict) -> Path:
-    """{"schema", "metadata", "records", "timing", "summary"}; written whole, then renamed into place."""
+def write_json(path, records: list[dict], meta: dict, timing_rows: list[dict] | None = None) -> Path:
+    """{"schema", "metadata", "records", "timing", "summary"}; written whole, then renamed into place. timing_rows
+    replace the timing computed from the records (see timing_from; the metadata should say where they came from)."""
     path = Path(path)
-    doc = {"schema": SCHEMA, "metadata": meta, "records": records, "timing": timing(records),
+    rows = timing(records) if timing_rows is None else timing_rows
+    doc = {"schema": SCHEMA, "metadata": meta, "records": records, "timing": rows,
            "summary": summary(records)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -153,40 +161,78 @@ def load_json(path) -> dict:
     return doc
 
 
-# metadata that must agree for two results files to be one table (the attention modes and run facts may differ)
-_SAME = ("model", "config", "sparse_config", "dtype", "suite", "tasks", "lengths", "seeds", "max_new_tokens")
+# metadata that must agree for two results files to be one table (modes, lengths, seeds and run facts may differ)
+_SAME = ("model", "config", "sparse_config", "dtype", "suite", "tasks", "max_new_tokens")
+
+
+def _pool(model, task, length, mode, parts: list[dict], paths: list[str]) -> dict:
+    """One record from several files' records of one cell: their examples together, when no seed repeats."""
+    from .suite import _record
+
+    if any(r.get("skipped") or not r.get("details") for r in parts):
+        raise EvalError(f"{' and '.join(paths)} both hold {task} at {length} ({mode}), and one of them has no "
+                        f"examples to pool")
+    seen: dict[int, str] = {}
+    for r, p in zip(parts, paths):
+        for d in r["details"]:
+            if d["seed"] in seen:
+                raise EvalError(f"{p} and {seen[d['seed']]} both hold {task} at {length} ({mode}) for seed "
+                                f"{d['seed']}: not one experiment")
+            seen[d["seed"]] = p
+    details = sorted((d for r in parts for d in r["details"]), key=lambda d: d["seed"])
+    return _record(model, task, length, mode, details)
 
 
 def merge(paths) -> tuple[list[dict], dict]:
-    """(records, metadata) of several results files of one model and suite run in separate processes (e.g. one
-    per attention mode, so each mode's timings are its own): every cell once, in the table's order. Files that
-    differ in model, config, seeds, lengths or tasks, or that hold the same (task, length, attention) cell, are
-    refused: a merged table must be one experiment."""
+    """(records, metadata) of several results files of one model and suite, run in separate processes: one per
+    attention mode (so each mode's timings are its own), per length, or per seed range. A cell that several files
+    hold is pooled (its examples together) when their seeds differ. Files that differ in model, config, tasks or
+    decoding, or that repeat a seed in a cell, are refused: a merged table must be one experiment."""
     docs = [(str(p), load_json(p)) for p in paths]
     if len(docs) < 2:
         raise EvalError("merge needs at least two results files")
     first_path, first = docs[0]
     base = first.get("metadata") or {}
-    cells: dict[tuple, str] = {}
-    records: list[dict] = []
+    cells: dict[tuple, list[tuple[str, dict]]] = {}
     for path, doc in docs:
         meta = doc.get("metadata") or {}
         bad = [k for k in _SAME if meta.get(k) != base.get(k)]
         if bad:
             raise EvalError(f"{path} differs from {first_path} in {', '.join(bad)}: not one experiment")
         for r in doc["records"]:
-            key = (r["task"], r["length"], r["attention"])
-            if key in cells:
-                raise EvalError(f"{path} and {cells[key]} both hold {r['task']} at {r['length']} ({r['attention']})")
-            cells[key] = path
-            records.append(r)
+            cells.setdefault((r["task"], r["length"], r["attention"]), []).append((path, r))
+    records = [parts[0][1] if len(parts) == 1 else
+               _pool(parts[0][1]["model"], *key, [r for _, r in parts], [p for p, _ in parts])
+               for key, parts in cells.items()]
     modes = list(dict.fromkeys(m for _, d in docs for m in d["metadata"].get("attention_modes", [])))
-    lengths, tasks = base.get("lengths") or [], base.get("tasks") or []
+    lengths = sorted({n for _, d in docs for n in d["metadata"].get("lengths") or []} | {r["length"] for r in records})
+    seeds = sorted({s for _, d in docs for s in d["metadata"].get("seeds") or []})
+    tasks = base.get("tasks") or []
     rank = {(n, t, m): i for i, (n, t, m) in enumerate((n, t, m) for n in lengths for t in tasks for m in modes)}
     records.sort(key=lambda r: rank.get((r["length"], r["task"], r["attention"]), len(rank)))
-    meta = {**base, "attention_modes": modes,
+    meta = {**base, "attention_modes": modes, "lengths": lengths, "seeds": seeds,
             "merged_from": [{"file": p, "attention_modes": d["metadata"].get("attention_modes"),
+                             "lengths": d["metadata"].get("lengths"), "seeds": _span(d["metadata"].get("seeds")),
                              "device": d["metadata"].get("device"), "versions": d["metadata"].get("versions"),
                              "created": d["metadata"].get("created")} for p, d in docs]}
     return records, meta
 
+
+def _span(seeds) -> list | None:
+    """[first, last] of a contiguous seed list (the CLI's), else the list itself."""
+    if not seeds:
+        return None
+    return [seeds[0], seeds[-1]] if list(seeds) == list(range(seeds[0], seeds[-1] + 1)) else list(seeds)
+
+
+def timing_from(path, meta: dict) -> tuple[list[dict], dict]:
+    """(timing rows, provenance) from a results file of the same model and config: for a table whose accuracy runs
+    shared the GPU (benchmarks/quality_parallel_h200.sh) and whose times come from a run alone on it."""
+    doc = load_json(path)
+    other = doc.get("metadata") or {}
+    bad = [k for k in ("model", "config", "sparse_config", "dtype", "suite") if other.get(k) != meta.get(k)]
+    if bad:
+        raise EvalError(f"timing file {path} differs from the merged results in {', '.join(bad)}")
+    return timing(doc["records"]), {"file": str(path), "seeds": _span(other.get("seeds")),
+                                    "lengths": other.get("lengths"), "device": other.get("device"),
+                                    "created": other.get("created")}
